@@ -37,6 +37,7 @@ class SeqContext:
     doc_start: Optional[Tensor] = None   # [B, T] bool, True on the first token of a document
     ops: LocalOps = LOCAL_OPS            # local or sequence-parallel sequence ops
     position_offset: int = 0             # global index of token 0 (SP shard offset, decode position)
+    knobs: Optional["InferenceKnobs"] = None  # inference-only state-collapse knobs (set from the cache)
 
 
 @dataclass
@@ -236,7 +237,7 @@ class LanguageModel(nn.Module):
                 cache: Optional[InferenceCache] = None) -> ModelOutput:
         ctx = ctx or SeqContext()
         if cache is not None:
-            ctx = dataclasses.replace(ctx, position_offset=cache.seen)
+            ctx = dataclasses.replace(ctx, position_offset=cache.seen, knobs=cache.knobs)
         elif ctx.position_offset == 0 and ctx.ops.sp_size > 1:
             ctx = dataclasses.replace(ctx, position_offset=ctx.ops.position_offset(input_ids.shape[1]))
         x = self.embed(input_ids)
