@@ -312,3 +312,8 @@ class LanguageModel(nn.Module):
 
     def state_elements(self, seq_len: int) -> int:
         return sum(b.mixer.state_elements(seq_len) for b in self.layers)
+
+    def summary(self, seq_len: int) -> dict:
+        return {"params": self.num_params(), "non_embedding_params": self.num_params(non_embedding=True),
+                "active_params": self.num_params(active=True), "flops_per_token": self.flops_per_token(seq_len),
+                "state_elements": self.state_elements(seq_len)}
