@@ -1,0 +1,121 @@
+"""Chunked gated linear attention in torch: the fast CPU path (autograd does the backward).
+
+Per chunk of C tokens with in-chunk inclusive cumulative log-decay `b` (so `b` is non-increasing):
+    intra:  o_i += sum_{j<=i} (q_i . k_j exp(b_i - b_j)) v_j          exponents <= 0 (relative decay)
+    inter:  o_i += (q_i exp(b_i)) S_in                                 exponent <= 0
+    state:  S_out = exp(b_last) S_in + sum_j (k_j exp(b_last - b_j))^T v_j
+Nothing is ever divided by a decay, so strong decay underflows to 0 instead of overflowing.
+Per-key-dim gates need the decay for every (i, j, key) triple; that product is a small custom op
+that recomputes it in its backward (memory O(T K), not O(T C K)) and uses C = 16.
+Documents (cu_seqlens) are chunked independently (see layout.py).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lctrain.kernels.layout import build_layout, from_chunks, to_chunks
+
+_GROUP_ELEMS = 1 << 22   # bound on the [G, C, C, K] decay tensor materialised at once
+
+
+def _decay_pairs(bi: Tensor, bj: Tensor, mask: Tensor) -> Tensor:
+    """exp(b_i - b_j) on the causal pairs, 0 elsewhere; [G, C, C, K] from [G, C, K]."""
+    diff = bi[:, :, None, :] - bj[:, None, :, :]
+    return torch.where(mask[:, :, None], diff, 0.0).exp() * mask[:, :, None]
+
+
+class _KeyDecayedScores(torch.autograd.Function):
+    """A_ij = sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i (else 0), on [G, C, K] blocks."""
+
+    @staticmethod
+    def forward(ctx, q, k, b):
+        G, C, K = q.shape
+        mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        step = max(1, _GROUP_ELEMS // (C * C * K))
+        out = q.new_empty(G, C, C)
+        for s in range(0, G, step):
+            e = slice(s, s + step)
+            out[e] = torch.einsum("gik,gijk,gjk->gij", q[e], _decay_pairs(b[e], b[e], mask), k[e])
+        ctx.save_for_backward(q, k, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, dA):
+        q, k, b = ctx.saved_tensors
+        G, C, K = q.shape
+        mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        step = max(1, _GROUP_ELEMS // (C * C * K))
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dA = dA * mask
+        for s in range(0, G, step):
+            e = slice(s, s + step)
+            w = _decay_pairs(b[e], b[e], mask) * dA[e][..., None]
+            dq[e] = torch.einsum("gijk,gjk->gik", w, k[e])
+            dk[e] = torch.einsum("gijk,gik->gjk", w, q[e])
+        # b_i enters with +, b_j with -: db = q dq - k dk
+        return dq, dk, q * dq - k * dk
+
+
+def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
+              initial_state: Optional[Tensor], output_final_state: bool,
+              cu_seqlens: Optional[Tensor], chunk_size: Optional[int] = None):
+    dt = torch.promote_types(q.dtype, torch.float32)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    gate = "none" if g is None else ("head" if g.dim() == 3 else "key")
+    C = chunk_size or (16 if gate == "key" else 64)
+    lay = build_layout(B, T, C, cu_seqlens, q.device)
+    R, NC = lay.rows, lay.nchunks
+
+    # [R, NC, H, C, *]
+    qc, kc, vc = (to_chunks(x.to(dt), lay).transpose(2, 3) for x in (q, k, v))
+    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    if gate == "none":
+        scores = (qc @ kc.transpose(-1, -2)) * mask
+        qe, ke, decay = qc, kc, None
+    else:
+        gc = to_chunks(g.to(dt), lay).transpose(2, 3)
+        b = gc.cumsum(3)                                                # inclusive, in-chunk
+        if gate == "head":                                              # b: [R, NC, H, C]
+            rel = torch.where(mask, b[..., :, None] - b[..., None, :], 0.0).exp() * mask
+            scores = (qc @ kc.transpose(-1, -2)) * rel
+            qe = qc * b.exp()[..., None]
+            ke = kc * (b[..., -1:] - b).exp()[..., None]
+            decay = b[..., -1].exp()[..., None, None]                   # [R, NC, H, 1, 1]
+        else:                                                           # b: [R, NC, H, C, K]
+            flat = lambda x: x.reshape(-1, C, K)
+            scores = _KeyDecayedScores.apply(flat(qc), flat(kc), flat(b)).view(R, NC, H, C, C)
+            qe = qc * b.exp()
+            ke = kc * (b[..., -1:, :] - b).exp()
+            decay = b[..., -1, :].exp()[..., None]                      # [R, NC, H, K, 1]
+    updates = ke.transpose(-1, -2) @ vc                                 # [R, NC, H, K, V]
+
+    # sequential pass over chunks: the state entering each chunk
+    s0 = None if initial_state is None else initial_state.to(dt)
+    zero = qc.new_zeros(R, H, K, V)
+    state = zero if (s0 is None or lay.varlen) else s0
+    docs = lay.chunk_doc.tolist() if lay.varlen else None
+    states, ends = [], []
+    for c in range(NC):
+        if lay.varlen and lay.first[c]:                    # a document starts on this chunk edge
+            state = zero if s0 is None else s0[docs[c]][None]
+        states.append(state)
+        state = (state * decay[:, c] if decay is not None else state) + updates[:, c]
+        ends.append(state)
+    s_in = torch.stack(states, 1) if states else qc.new_zeros(R, 0, H, K, V)
+    o = (scores @ vc + qe @ s_in) * scale
+    o = from_chunks(o.transpose(2, 3), lay).to(v.dtype)
+
+    if not output_final_state:
+        return o, None
+    if not lay.varlen:
+        return o, state
+    # each document's final state leaves its last chunk; an empty document keeps its initial state
+    ends = torch.cat(ends, 0) if ends else zero[:0]
+    last = lay.last_chunk
+    final = ends.index_select(0, last.clamp(min=0)) if NC else zero.expand(last.numel(), H, K, V)
+    keep = s0 if s0 is not None else zero
+    return o, torch.where((last < 0)[:, None, None, None], keep, final)
