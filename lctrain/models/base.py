@@ -12,7 +12,9 @@ Contracts (every mixer / ffn obeys them; the trainer, parallel and eval code rel
   must equal one full forward.
 - All sequence mixing goes through `ctx.ops` (see seqops.py); mixers never call torch.distributed.
 - `FFN.forward(x, ctx) -> [B,T,D]`; an FFN with an auxiliary loss sets `self.aux_loss` (a scalar
-  tensor) on each forward and may fill `self.stats` (floats for metrics).
+  tensor) on each forward and may fill `self.stats` (floats for metrics). An FFN with
+  `uses_cache = True` is called as `forward(x, ctx, cache)` with its own dict (`layer_cache["ffn"]`,
+  None when not decoding), for FFNs whose output depends on earlier tokens (chunk-level MoE routing).
 """
 from __future__ import annotations
 
@@ -195,7 +197,10 @@ class Block(nn.Module):
     def forward(self, x: Tensor, ctx: SeqContext, cache: Optional[dict]) -> Tensor:
         x = x + self.mixer(self.norm1(x), ctx, cache)
         if self.ffn is not None:
-            x = x + self.ffn(self.norm2(x), ctx)
+            if getattr(self.ffn, "uses_cache", False):   # looks back along the sequence: decoding state
+                x = x + self.ffn(self.norm2(x), ctx, None if cache is None else cache.setdefault("ffn", {}))
+            else:
+                x = x + self.ffn(self.norm2(x), ctx)
         return x
 
 
