@@ -156,8 +156,6 @@ class Recipe:
         self.model = build_config(self.model if self.model is not None else {}, "model")
         require(self.train.seq_len % self.parallel.sp == 0, "train.seq_len",
                 f"{self.train.seq_len} must be divisible by parallel.sp={self.parallel.sp}")
-        require(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",
-                f"{self.optim.warmup_steps} exceeds train.steps={self.train.steps}")
         if self.run_dir is None:
             self.run_dir = os.path.join("runs", self.name)
 

@@ -210,6 +210,8 @@ class Trainer:
             state = self._load(source, model, optimizer)
             self.log(f"resumed from {source} at step {state.step}")
         order = DataOrder(len(data.train), r.seed)
+        if data.val is None:
+            self.log("no validation sequences (data.val_fraction too small for this corpus): val_loss is not reported")
         info = model.summary(t.seq_len)
         self.log(f"model {r.model.arch}: {info['params'] / 1e6:.2f}M params ({info['non_embedding_params'] / 1e6:.2f}M "
                  f"non-embedding), {self.tokens_per_step:,} tokens/step, budget {self.tokens_per_step * t.steps:,} tokens "
