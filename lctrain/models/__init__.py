@@ -4,6 +4,8 @@ from lctrain.models.base import (ARCHS, FFNS, MIXERS, InferenceCache, InferenceK
                                  ModelOutput, SeqContext, build_config, register_arch)
 from lctrain.models import attention  # noqa: F401  (registers A, W)
 from lctrain.models import based, gla, mamba2  # noqa: F401  (registers B, C, G, M)
+from lctrain.models import memory, moe, sparse_attention  # noqa: F401  (registers X, R; FFNs E, P)
+from lctrain.models.hydra import HYDRA_PRESET
 
 register_arch("transformer", {"pattern": "A", "ffn_pattern": "S"})
 # Mamba-2: SSD mixer only, no FFN (mamba_ssm's Mamba2 LM).
@@ -18,6 +20,9 @@ register_arch("gla", {"pattern": "G", "ffn_pattern": "S"})
 # The 27-layer reference ("CBWCC" x 5 + "CC") is spelled out in recipes/based-360m.yaml.
 register_arch("based", {"pattern": "CBWCC", "n_layers": 5, "ffn_pattern": "S", "ffn_mult": 2.0,
                         "mixers": {"swa": {"window": 65}}})
+
+# Hydra: Mamba-2 backbone + sparse global attention + chunk-routed MoE + PKM + workspace (hydra.py).
+register_arch("hydra", HYDRA_PRESET)
 
 
 def build_model(cfg: LMConfig) -> LanguageModel:
