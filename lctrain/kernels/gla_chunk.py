@@ -99,11 +99,14 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
     state = zero if (s0 is None or lay.varlen) else s0
     docs = lay.chunk_doc.tolist() if lay.varlen else None
     states, ends = [], []
+    # unbind, not [:, c]: a slice's backward writes a full-size zero gradient (quadratic in NC)
+    upd = updates.unbind(1)
+    dec = decay.unbind(1) if decay is not None else None
     for c in range(NC):
         if lay.varlen and lay.first[c]:                    # a document starts on this chunk edge
             state = zero if s0 is None else s0[docs[c]][None]
         states.append(state)
-        state = (state * decay[:, c] if decay is not None else state) + updates[:, c]
+        state = (state * dec[c] if dec is not None else state) + upd[c]
         ends.append(state)
     s_in = torch.stack(states, 1) if states else qc.new_zeros(R, 0, H, K, V)
     o = (scores @ vc + qe @ s_in) * scale

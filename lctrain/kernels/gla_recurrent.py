@@ -14,12 +14,15 @@ from torch import Tensor
 def _run(q, k, v, g, scale, state):
     """q, k [B, T, H, K], v [B, T, H, V], g None | [B, T, H] | [B, T, H, K], state [B, H, K, V]."""
     outs = []
+    # unbind, not [:, t]: a slice's backward writes a full-size zero gradient (quadratic in T)
+    qs, ks, vs = q.unbind(1), k.unbind(1), v.unbind(1)
+    decays = g.exp().unbind(1) if g is not None else None
     for t in range(q.shape[1]):
-        if g is not None:
-            decay = g[:, t].exp()
-            state = state * (decay[..., None, None] if decay.dim() == 2 else decay[..., None])
-        state = state + k[:, t, :, :, None] * v[:, t, :, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state) * scale)
+        if decays is not None:
+            d = decays[t]
+            state = state * (d[..., None, None] if d.dim() == 2 else d[..., None])
+        state = state + ks[t][..., :, None] * vs[t][..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", qs[t], state) * scale)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape)
     return o, state
 
