@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import sys
@@ -27,7 +28,9 @@ def _context():
     global _CTX
     if _CTX is None:
         _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "lctrain.models", "lctrain.parallel"])
+        # torch._dynamo: imported lazily by torch.utils.checkpoint (~4 s), once here instead of per worker
+        _CTX.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "lctrain.models",
+                                     "lctrain.parallel"])
     return _CTX
 
 
@@ -37,7 +40,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, results) -> None:
+def _worker(fn: Callable, rank: int, world: int, port: int, args: bytes, results) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -45,8 +48,8 @@ def _worker(fn: Callable, rank: int, world: int, port: int, args: tuple, results
     try:
         import torch
         torch.set_num_threads(1)
-        out = fn(rank, world, *args)
-        results.put((rank, "ok", out))
+        out = fn(rank, world, *pickle.loads(args))
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
         code = 1
@@ -71,7 +74,10 @@ def run_workers(fn: Callable, world_size: int, *args, timeout: float = 120.0, gr
     ctx = _context()
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, results), daemon=True)
+    # Plain pickle (bytes) both ways: through a multiprocessing queue torch would share tensors by
+    # file descriptor, which dies with the worker that exits right after sending.
+    payload = pickle.dumps(args)
+    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, payload, results), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -107,4 +113,4 @@ def run_workers(fn: Callable, world_size: int, *args, timeout: float = 120.0, gr
     missing = [r for r in range(world_size) if r not in done]
     if missing:
         raise TimeoutError(f"workers {missing} of {world_size} did not finish within {timeout:.0f}s")
-    return [done[r][1] for r in range(world_size)]
+    return [pickle.loads(done[r][1]) for r in range(world_size)]

@@ -23,6 +23,8 @@ from tests.dist_utils import run_workers
 T = 24
 ROW0_STARTS = (0, 3, 12, 14, 21)
 TIMEOUT = 120
+# name -> (world size, SP size); dp2xsp2 runs the collectives on SP sub-groups of a larger world
+LAYOUTS = {"sp2": (2, 2), "sp4": (4, 4), "dp2xsp2": (4, 2)}
 
 
 def _doc_start(B: int = 2) -> torch.Tensor:
@@ -106,11 +108,12 @@ def _lasp2_worker(rank, world, sp):
 
 
 @pytest.mark.timeout(TIMEOUT)
-@pytest.mark.parametrize("sp", [2, 4])
-def test_lasp2_matches_single_process(sp):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_lasp2_matches_single_process(layout):
     """Output, final state and gradients (q, k, v, g, initial state) for every gate kind."""
-    counts = run_workers(_lasp2_worker, sp, sp, timeout=TIMEOUT)
-    assert counts == [16] * sp
+    world, sp = LAYOUTS[layout]
+    counts = run_workers(_lasp2_worker, world, sp, timeout=TIMEOUT)
+    assert counts == [16] * world
 
 
 # --- softmax attention ---------------------------------------------------------------------------------
@@ -159,11 +162,12 @@ def _attention_worker(rank, world, sp):
 
 
 @pytest.mark.timeout(TIMEOUT)
-@pytest.mark.parametrize("sp", [2, 4])
-def test_attention_matches_single_process(sp):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_attention_matches_single_process(layout):
     """Ulysses and LASP-2H (MHA, GQA, KV heads < SP), with documents and sliding windows (halo)."""
-    counts = run_workers(_attention_worker, sp, sp, timeout=TIMEOUT)
-    assert counts == [2 * 3 * 4 * 2] * sp
+    world, sp = LAYOUTS[layout]
+    counts = run_workers(_attention_worker, world, sp, timeout=TIMEOUT)
+    assert counts == [2 * 3 * 4 * 2] * world
 
 
 # --- causal conv, gather ------------------------------------------------------------------------------
@@ -214,10 +218,11 @@ def _conv_gather_worker(rank, world, sp):
 
 
 @pytest.mark.timeout(TIMEOUT)
-@pytest.mark.parametrize("sp", [2, 4])
-def test_halo_conv_and_gather_match_single_process(sp):
-    counts = run_workers(_conv_gather_worker, sp, sp, timeout=TIMEOUT)
-    assert counts == [3 * 2 * 2 * 2] * sp
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_halo_conv_and_gather_match_single_process(layout):
+    world, sp = LAYOUTS[layout]
+    counts = run_workers(_conv_gather_worker, world, sp, timeout=TIMEOUT)
+    assert counts == [3 * 2 * 2 * 2] * world
 
 
 # --- communication accounting -------------------------------------------------------------------------

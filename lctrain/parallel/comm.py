@@ -64,6 +64,34 @@ def anchor(out: Tensor, *deps: Tensor) -> Tensor:
     return out + torch.stack(extra).sum().to(out.dtype) * 0
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather along `dim`; backward: each rank gets the sum over ranks of the gradient of its
+    piece (a reduce-scatter). torch.distributed.nn.functional.all_gather is not used: on gloo its
+    backward scatters with group ranks where global ranks are expected, so it fails on any group
+    that is not the whole world (every SP group under DP x SP)."""
+
+    @staticmethod
+    def forward(ctx, x, group, dim, meter, kind, nbytes):
+        ctx.group, ctx.dim, ctx.meter, ctx.kind, ctx.nbytes = group, dim, meter, kind, nbytes
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        P = dist.get_world_size(ctx.group)
+        ctx.meter.add(ctx.kind, ctx.nbytes)
+        pieces = torch.stack(grad.chunk(P, dim=ctx.dim)).contiguous()      # [P, *x.shape]
+        if dist.get_backend(ctx.group) == "nccl":
+            out = pieces.new_empty(pieces.shape[1:])
+            dist.reduce_scatter_tensor(out, pieces, group=ctx.group)
+        else:
+            recv = torch.empty_like(pieces)
+            dist.all_to_all_single(recv, pieces, group=ctx.group)
+            out = recv.sum(0)
+        return out, None, None, None, None, None
+
+
 def all_gather(x: Tensor, group, meter: CommMeter, kind: str, dim: int = 0) -> Tensor:
     """Concatenation along `dim` of every rank's `x` (same shape on every rank), differentiable:
     the backward sums the gradients of all ranks for each piece (a reduce-scatter)."""
@@ -71,9 +99,7 @@ def all_gather(x: Tensor, group, meter: CommMeter, kind: str, dim: int = 0) -> T
     nbytes = (P - 1) * _nbytes(x)
     meter.add(kind, nbytes)
     if x.requires_grad and torch.is_grad_enabled():
-        parts = dnn.all_gather(x.contiguous(), group=group)
-        out = torch.cat(parts, dim=dim)
-        return _count_backward(out, meter, kind, nbytes)
+        return _AllGather.apply(x, group, dim, meter, kind, nbytes)
     parts = [torch.empty_like(x) for _ in range(P)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.cat(parts, dim=dim)
