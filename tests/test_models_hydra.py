@@ -11,6 +11,7 @@ import torch
 from lctrain.kernels import attention_reference
 from lctrain.models import LanguageModel, SeqContext, build_config
 from lctrain.models.layers import apply_rope, rope_tables
+from lctrain.models import sparse_attention
 from lctrain.models.memory import PKMConfig, ProductKeyMemory, WorkspaceConfig, WorkspaceMemory
 from lctrain.models.moe import MoE, MoEConfig
 from lctrain.models.seqops import LocalOps
@@ -169,8 +170,10 @@ def ref_sparse_attention(q, k, q_raw, k_raw, v, doc_start, W, L, top_k):
     return out
 
 
+@pytest.mark.parametrize("union", [0, 1000])       # each query gathers its blocks / a chunk scores their union
 @pytest.mark.parametrize("W,L,top_k,docs", [(5, 4, 2, True), (3, 5, 1, False), (8, 3, 3, True)])
-def test_sparse_attention_matches_dense_reference(W, L, top_k, docs):
+def test_sparse_attention_matches_dense_reference(W, L, top_k, docs, union, monkeypatch):
+    monkeypatch.setattr(sparse_attention, "UNION_FACTOR", union)
     cfg = SparseAttentionConfig(n_heads=4, n_kv_heads=2, window=W, block_size=L, top_k=top_k, query_chunk=7)
     mixer = SparseGlobalAttention(32, cfg, 0, None)
     B, T = 2, 40

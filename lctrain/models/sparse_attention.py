@@ -73,44 +73,53 @@ class SparseAttentionConfig:
                 f"must divide d_model={lm.d_model} (or set head_dim)")
 
 
-def block_summaries(k: Tensor, starts: Tensor, rel: Tensor, block_size: int):
-    """Blocks of a frame's keys k [B, F, H, D]: (mean keys [B, N, H, D], first frame index [B, N],
-    complete [B, N] bool). Blocks restart at every document start."""
-    rid, first, length = runs(starts, rel, block_size)
-    B, F, H, D = k.shape
-    sums = k.new_zeros(B, first.shape[1], H, D).scatter_add_(1, rid[:, :, None, None].expand(B, F, H, D), k)
-    return sums / block_size, first, length == block_size
+# A query chunk whose queries chose at most UNION_FACTOR * top_k distinct blocks scores all of them
+# densely (one matmul, masked); otherwise each query gathers its own top_k blocks. Same results.
+UNION_FACTOR = 4
 
 
-def block_sparse_attention(q: Tensor, q_sel: Tensor, k: Tensor, v: Tensor, seg: Tensor, summ: Tensor,
-                           bstart: Tensor, bseg: Tensor, bvalid: Tensor, *, window: int, block_size: int,
-                           top_k: int, q_offset: int, scale: Optional[float] = None,
+def to_blocks(x: Tensor, rid: Tensor, pin: Tensor, n_blocks: int, block_size: int) -> Tensor:
+    """Block-major copy [B, N, L, H, D] of a frame tensor x [B, F, H, D]: token f goes to block rid[f],
+    slot pin[f] (incomplete blocks are zero-padded)."""
+    B, F = rid.shape
+    bi = torch.arange(B, device=x.device)[:, None].expand(B, F)
+    return x.new_zeros(B, n_blocks, block_size, *x.shape[2:]).index_put((bi, rid, pin), x)
+
+
+def block_sparse_attention(q: Tensor, q_sel: Tensor, k: Tensor, v: Tensor, seg: Tensor, kb: Tensor,
+                           vb: Tensor, summ: Tensor, bstart: Tensor, bseg: Tensor, bvalid: Tensor, *,
+                           window: int, top_k: int, q_offset: int, scale: Optional[float] = None,
                            query_chunk: int = 64) -> Tensor:
     """The attention defined in the module doc, for queries at key-frame positions q_offset + [0, Tq).
 
     q [B, Tq, H, D] (rotated), q_sel [B, Tq, Hkv, D] (selection queries: pre-RoPE, summed over the
     group), k, v [B, Tk, Hkv, D] (rotated keys), seg [B, Tk] document number of each key; blocks:
-    summ [B, N, Hkv, D], bstart / bseg / bvalid [B, N] (first key, document, complete).
+    kb, vb [B, N, L, Hkv, D] (their keys and values), summ [B, N, Hkv, D] (mean pre-RoPE keys),
+    bstart / bseg / bvalid [B, N] (first key, document, complete).
     """
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)                     # [B, Hkv, Tk, D]
+    # rows of L * D contiguous numbers, one per (row, head, block): index_select copies whole blocks
+    kb, vb = (t.permute(0, 3, 1, 2, 4).reshape(-1, t.shape[2] * t.shape[4]) for t in (kb, vb))
     summ = summ.detach().float().transpose(1, 2)                      # [B, Hkv, N, D]
-    fn = functools.partial(_query_chunk, window=window, block_size=block_size, top_k=top_k, scale=scale)
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    fn = functools.partial(_query_chunk, window=window, top_k=top_k, scale=scale)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, kb, vb))
     outs = []
     for q0 in range(0, q.shape[1], query_chunk):
-        args = (q[:, q0:q0 + query_chunk], q_sel[:, q0:q0 + query_chunk].detach(), kh, vh, seg, summ,
-                bstart, bseg, bvalid, q_offset + q0)
+        args = (q[:, q0:q0 + query_chunk], q_sel[:, q0:q0 + query_chunk].detach(), kh, vh, seg, kb, vb,
+                summ, bstart, bseg, bvalid, q_offset + q0)
+        # recomputed in the backward pass: the gathered blocks (n * top_k * L keys) are never stored
         outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
     return torch.cat(outs, 1)
 
 
-def _query_chunk(q, q_sel, kh, vh, seg, summ, bstart, bseg, bvalid, q_start: int, *, window, block_size,
-                 top_k, scale):
+def _query_chunk(q, q_sel, kh, vh, seg, kb, vb, summ, bstart, bseg, bvalid, q_start: int, *, window, top_k,
+                 scale):
     B, n, H, D = q.shape
-    Hkv, Tk = kh.shape[1], kh.shape[2]
-    G, L, dev = H // Hkv, block_size, q.device
+    Hkv, N = kh.shape[1], summ.shape[2]
+    L = kb.shape[1] // D
+    G, dev = H // Hkv, q.device
     qpos = torch.arange(n, device=dev) + q_start                      # key-frame positions
     qseg = seg[:, qpos]                                               # [B, n]
     qg = q.reshape(B, n, Hkv, G, D).permute(0, 2, 3, 1, 4)            # [B, Hkv, G, n, D]
@@ -123,7 +132,6 @@ def _query_chunk(q, q_sel, kh, vh, seg, summ, bstart, bseg, bvalid, q_start: int
     scores = [torch.einsum("bhgqd,bhkd->bhgqk", qg, kh[:, :, lo:hi]).float() * scale]
     scores[0] = scores[0].masked_fill(~wmask[:, None, None], float("-inf"))
 
-    N = summ.shape[2]
     kk = min(top_k, N)
     if kk > 0:
         with torch.no_grad():
@@ -133,20 +141,39 @@ def _query_chunk(q, q_sel, kh, vh, seg, summ, bstart, bseg, bvalid, q_start: int
             sel = torch.einsum("bqhd,bhnd->bhqn", q_sel.float(), summ)
             sel = sel.masked_fill(~cand[:, None], float("-inf"))
             top, idx = sel.topk(kk, dim=-1)                                            # [B, Hkv, n, kk]
-            first = bstart[:, None, None, :].expand(B, Hkv, n, N).gather(-1, idx)
-            keys = first[..., None] + torch.arange(L, device=dev)                      # [B, Hkv, n, kk, L]
-            # keys of a selected block inside the window are already attended through the window
-            ok = torch.isfinite(top)[..., None] & (qpos[None, None, :, None, None] - keys >= window)
-            keys = keys.clamp(0, Tk - 1).reshape(B, Hkv, n * kk * L, 1).expand(-1, -1, -1, D)
-        ks = kh.gather(2, keys).view(B, Hkv, n, kk * L, D)
-        vs = vh.gather(2, keys).view(B, Hkv, n, kk * L, D)
-        s = torch.einsum("bhgqd,bhqmd->bhgqm", qg, ks).float() * scale
-        scores.append(s.masked_fill(~ok.reshape(B, Hkv, 1, n, kk * L), float("-inf")))
+            found = torch.isfinite(top)
+            used = torch.unique(idx[found])                                            # blocks any query chose
+        if used.numel() <= UNION_FACTOR * kk:
+            # few distinct blocks (neighbouring queries mostly agree): score all of them with one
+            # matmul and mask, rather than copying every query's own blocks
+            with torch.no_grad():
+                pick = ((idx[..., None] == used) & found[..., None]).any(-2)             # [B, Hkv, n, u]
+                keys = bstart[:, used, None] + torch.arange(L, device=dev)             # [B, u, L]
+                ok = pick[..., None] & (qpos[None, :, None, None] - keys[:, None] >= window)[:, None]
+                rows = (torch.arange(B * Hkv, device=dev)[:, None] * N + used).flatten()
+            m = used.numel() * L
+            ks = kb.index_select(0, rows).view(B, Hkv, m, D)
+            vs = vb.index_select(0, rows).view(B, Hkv, m, D)
+            s = torch.einsum("bhgqd,bhkd->bhgqk", qg, ks).float() * scale
+            pv = "bhgqk,bhkd->bhgqd"
+        else:
+            with torch.no_grad():
+                keys = torch.gather(bstart[:, None, None, :].expand(B, Hkv, n, N), -1, idx)[..., None] \
+                    + torch.arange(L, device=dev)                                      # [B, Hkv, n, kk, L]
+                ok = found[..., None] & (qpos[None, None, :, None, None] - keys >= window)
+                rows = (torch.arange(B * Hkv, device=dev).view(B, Hkv, 1, 1) * N + idx).flatten()
+            m = kk * L
+            ks = kb.index_select(0, rows).view(B, Hkv, n, m, D)
+            vs = vb.index_select(0, rows).view(B, Hkv, n, m, D)
+            s = torch.einsum("bhgqd,bhqmd->bhgqm", qg, ks).float() * scale
+            pv = "bhgqm,bhqmd->bhgqd"
+        # keys of a selected block inside the window are already attended through the window (ok)
+        scores.append(s.masked_fill(~ok.reshape(B, Hkv, 1, n, m), float("-inf")))
     p = torch.cat(scores, -1).softmax(-1).to(vh.dtype)                # every query sees itself
     Lw = hi - lo
     o = torch.einsum("bhgqk,bhkd->bhgqd", p[..., :Lw], vh[:, :, lo:hi])
     if kk > 0:
-        o = o + torch.einsum("bhgqm,bhqmd->bhgqd", p[..., Lw:], vs)
+        o = o + torch.einsum(pv, p[..., Lw:], vs)
     return o.permute(0, 3, 1, 2, 4).reshape(B, n, H, D)
 
 
@@ -177,9 +204,11 @@ class SparseGlobalAttention(Mixer):
             kf, vf, kraw = kvk.split(hd, dim=-1)
             F = kf.shape[1]
             starts, rel, seg = doc_layout(ds, B, F, x.device)
-            with torch.no_grad():
-                summ, bstart, bvalid = block_summaries(kraw, starts, rel, L)
-            bseg = seg.gather(1, bstart.clamp(max=F - 1))
+            rid, bstart, length = runs(starts, rel, L)
+            N, pin = bstart.shape[1], rel % L
+            kb, vb = to_blocks(kf, rid, pin, N, L), to_blocks(vf, rid, pin, N, L)
+            summ = to_blocks(kraw, rid, pin, N, L).sum(2) / L
+            bseg, bvalid = seg.gather(1, bstart.clamp(max=F - 1)), length == L
         else:
             check_cache_docs(ctx)
             kf = kr if "k" not in cache else torch.cat([cache["k"], kr], 1)
@@ -187,17 +216,18 @@ class SparseGlobalAttention(Mixer):
             raw = k.detach() if "tail" not in cache else torch.cat([cache["tail"], k.detach()], 1)
             full = raw.shape[1] // L
             summ = cache.get("summ", k.new_zeros(B, 0, Hkv, hd))
-            if full:
+            if full:    # blocks completed by these tokens (same summation as the training path)
                 summ = torch.cat([summ, raw[:, :full * L].reshape(B, full, L, Hkv, hd).sum(2) / L], 1)
             cache.update(k=kf, v=vf, summ=summ, tail=raw[:, full * L:])
             F, N = kf.shape[1], summ.shape[1]
             q_off = F - T
+            kb, vb = kf[:, :N * L].view(B, N, L, Hkv, hd), vf[:, :N * L].view(B, N, L, Hkv, hd)
             seg = torch.zeros(B, F, dtype=torch.long, device=x.device)
             bstart = (torch.arange(N, device=x.device) * L).expand(B, N)
             bseg = torch.zeros(B, N, dtype=torch.long, device=x.device)
             bvalid = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        o = block_sparse_attention(qr, q_sel, kf, vf, seg, summ, bstart, bseg, bvalid, window=c.window,
-                                   block_size=L, top_k=c.top_k, q_offset=q_off, query_chunk=c.query_chunk)
+        o = block_sparse_attention(qr, q_sel, kf, vf, seg, kb, vb, summ, bstart, bseg, bvalid, window=c.window,
+                                   top_k=c.top_k, q_offset=q_off, query_chunk=c.query_chunk)
         return self.out_proj(o.reshape(B, T, -1))
 
     def _keys_per_query(self, seq_len: int):
