@@ -16,6 +16,8 @@ SLURM_NODEID, SLURM_GPUS_ON_NODE.
   hosts the rendezvous store). Checkpoints must live on a filesystem all nodes share.
 - `--max-restarts K`: when a worker dies, torchrun stops the group and starts it again (up to K
   times); the trainer resumes from the run directory's latest checkpoint (`--resume auto`).
+  The launcher sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with torch 2.13's default (workers share
+  the rendezvous agent's store), a restarted gloo group reads the dead attempt's addresses and fails.
 
 Bad input fails here with one line naming the problem, before torchrun or any worker starts.
 """
@@ -112,20 +114,13 @@ def local_gpu_count() -> int:
 
 def plan(args) -> list[str]:
     """Validate everything and return the torchrun command (a list of arguments)."""
-    from lctrain.config import load_recipe
-    recipe = load_recipe(args.recipe, args.overrides)
     nnodes = _int(args.nnodes or _env("NNODES", "SLURM_NNODES", "SLURM_JOB_NUM_NODES") or 1, "--nnodes")
     if nnodes < 1:
         raise ConfigError("--nnodes", f"must be >= 1, got {nnodes}")
-    gpu_recipe = recipe.train.device == "cuda" or (recipe.train.device == "auto" and recipe.parallel.backend != "gloo")
-    gpus = local_gpu_count() if gpu_recipe else 0
     nproc_raw = args.nproc or _env("NPROC_PER_NODE", "SLURM_GPUS_ON_NODE")
-    nproc = _int(nproc_raw, "--nproc-per-node") if nproc_raw is not None else (gpus or 1)
-    if nproc < 1:
+    nproc = _int(nproc_raw, "--nproc-per-node") if nproc_raw is not None else None
+    if nproc is not None and nproc < 1:
         raise ConfigError("--nproc-per-node", f"must be >= 1, got {nproc}")
-    if recipe.train.device == "cuda" or (recipe.train.device == "auto" and gpus):
-        if gpus and nproc > gpus:
-            raise ConfigError("--nproc-per-node", f"{nproc} processes but this node has {gpus} GPUs")
     node_rank_raw = args.node_rank or _env("NODE_RANK", "SLURM_NODEID")
     node_rank = _int(node_rank_raw, "--node-rank") if node_rank_raw is not None else None
     if node_rank is not None and not 0 <= node_rank < nnodes:
@@ -140,6 +135,15 @@ def plan(args) -> list[str]:
     if nnodes > 1 and not addr:
         raise ConfigError("--master-addr", f"{nnodes} nodes need a rendezvous host: pass --master-addr or set "
                                            "MASTER_ADDR (the address of node 0)")
+    from lctrain.config import load_recipe
+    recipe = load_recipe(args.recipe, args.overrides)
+    gpu_recipe = recipe.train.device == "cuda" or (recipe.train.device == "auto" and recipe.parallel.backend != "gloo")
+    gpus = local_gpu_count() if gpu_recipe else 0
+    if nproc is None:
+        nproc = gpus or 1
+    if recipe.train.device == "cuda" or (recipe.train.device == "auto" and gpus):
+        if gpus and nproc > gpus:
+            raise ConfigError("--nproc-per-node", f"{nproc} processes but this node has {gpus} GPUs")
     validate_layout(recipe, nnodes * nproc, gpus if gpu_recipe else None)
     if args.resume not in ("auto", "never"):
         from lctrain.train.checkpoint import resolve_checkpoint
@@ -179,6 +183,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(shlex.join(cmd))
         return 0
+    # torchrun (torch 2.13) otherwise lets the workers of a restarted group share the agent's store
+    # with the dead attempt's keys: gloo then connects to the dead ranks' addresses and the restart
+    # fails. Without sharing, every attempt gets a fresh store on a fresh port.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)

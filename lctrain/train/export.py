@@ -1,0 +1,175 @@
+"""`lctrain export RUN_OR_CKPT --out model.safetensors`: one self-contained file for evaluation.
+
+The weights come from the checkpoint's ZeRO shards when it has them (DeepSpeed's `zero_to_fp32`
+consolidation of the fp32 master weights, stage 1, 2 or 3, any world size), else from its `model.pt`.
+Tied weights are stored once. The file's metadata carries everything needed to use it on one process:
+the run's resolved recipe (YAML), its sentencepiece tokenizer (base64), the step and the source.
+
+    model, recipe = load_exported("model.safetensors")      # eval mode, on cpu
+    tok = load_exported_tokenizer("model.safetensors")       # lctrain.data.tokenizer.Tokenizer
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sys
+import tempfile
+from typing import Optional
+
+import torch
+
+from lctrain.train import checkpoint as ckpt
+from lctrain.train.checkpoint import CheckpointError
+
+FORMAT = "lctrain-model/1"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _run_dir_of(path: str) -> str:
+    parent = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(parent) if os.path.basename(parent) == ckpt.CKPT_DIR else parent
+
+
+def _model_skeleton(recipe_yaml: str, vocab_size: int):
+    """The recipe (tokenizer path cleared: the tokenizer travels with the model) and an empty model."""
+    import yaml
+    from lctrain.config import recipe_from_dict
+    from lctrain.models import build_model
+    recipe = recipe_from_dict(yaml.safe_load(recipe_yaml) or {}, ["tokenizer.path=null"])
+    recipe.model.vocab_size = vocab_size
+    return recipe, build_model(recipe.model)
+
+
+def _consolidated_weights(ckpt_dir: str) -> tuple[dict, str]:
+    from lctrain.train.zero import ZERO_DIR
+    if os.path.isdir(os.path.join(ckpt_dir, ZERO_DIR)):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        sink = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=ZERO_DIR)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {ckpt_dir}: cannot consolidate its ZeRO shards ({first})") from None
+        return dict(sd), "zero shards"
+    sd = ckpt.load_tensor_file(ckpt_dir, "model.pt")
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"checkpoint {ckpt_dir}: model.pt is not a state dict")
+    return sd, "model.pt"
+
+
+def export(path: str, out: str, dtype: str = "fp32") -> dict:
+    """Write the model of run dir / checkpoint `path` to `out` (safetensors); returns a summary."""
+    from safetensors.torch import save_file
+    if dtype not in _DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if not path or not os.path.isdir(path):
+        raise CheckpointError(f"no such run or checkpoint directory: {path}")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise CheckpointError(f"--out: directory {out_dir} does not exist")
+    ckpt_dir = ckpt.resolve_checkpoint(path)
+    run_dir = _run_dir_of(ckpt_dir)
+    recipe_path = os.path.join(run_dir, "recipe.yaml")
+    tok_path = os.path.join(run_dir, "tokenizer.model")
+    for f, what in ((recipe_path, "recipe.yaml"), (tok_path, "tokenizer.model")):
+        if not os.path.isfile(f):
+            raise CheckpointError(f"checkpoint {ckpt_dir}: no {what} in its run directory {run_dir}")
+    with open(recipe_path) as f:
+        recipe_yaml = f.read()
+    with open(tok_path, "rb") as f:
+        tok_bytes = f.read()
+    sd, source = _consolidated_weights(ckpt_dir)
+    if "embed.weight" not in sd:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: its weights are not a language model's (no embed.weight)")
+    recipe, model = _model_skeleton(recipe_yaml, int(sd["embed.weight"].shape[0]))
+    canon = {id(p): n for n, p in model.named_parameters()}
+    alias = {n: canon[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+    expected = set(model.state_dict().keys())
+    missing = sorted(k for k in expected if k not in sd and not (k in alias and alias[k] in sd))
+    extra = sorted(k for k in sd if k not in expected)
+    if missing or extra:
+        raise CheckpointError(f"checkpoint {ckpt_dir}: weights do not match the run's recipe "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    tensors = {}
+    for k in model.state_dict().keys():
+        if k in alias and alias[k] != k:
+            continue                                  # a tied alias: stored once, under its canonical name
+        tensors[k] = sd[k].detach().to("cpu", _DTYPES[dtype] if sd[k].is_floating_point() else sd[k].dtype).contiguous()
+    state = ckpt.read_state(ckpt_dir)
+    meta = {"format": FORMAT, "recipe": recipe_yaml, "tokenizer_model_b64": base64.b64encode(tok_bytes).decode(),
+            "step": str(state.get("step", 0)), "source_checkpoint": os.path.abspath(ckpt_dir), "weights_from": source,
+            "ties": json.dumps({k: v for k, v in alias.items() if k != v}), "dtype": dtype}
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    n = sum(t.numel() for t in tensors.values())
+    return {"out": os.path.abspath(out), "checkpoint": os.path.abspath(ckpt_dir), "step": int(state.get("step", 0)),
+            "weights_from": source, "params": n, "dtype": dtype, "bytes": os.path.getsize(out)}
+
+
+def _metadata(path: str) -> dict:
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no such exported model: {path}")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({str(e).splitlines()[0] if str(e) else e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a model exported by lctrain export (format {meta.get('format')!r})")
+    return meta
+
+
+def load_exported(path: str, device: str = "cpu"):
+    """(model in eval mode on `device`, resolved recipe) from a file written by `export`."""
+    from safetensors.torch import load_file
+    meta = _metadata(path)
+    tensors = load_file(path)
+    recipe, model = _model_skeleton(meta["recipe"], int(tensors["embed.weight"].shape[0]))
+    for alias, name in json.loads(meta.get("ties", "{}")).items():
+        tensors[alias] = tensors[name]
+    dtype = next(iter(model.parameters())).dtype
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()})
+    return model.to(device).eval(), recipe
+
+
+def load_exported_tokenizer(path: str, dest: Optional[str] = None):
+    """The tokenizer stored in an exported model (written to `dest`, default a cache file)."""
+    from lctrain.data.tokenizer import Tokenizer
+    raw = base64.b64decode(_metadata(path)["tokenizer_model_b64"])
+    if dest is None:
+        dest = os.path.join(tempfile.gettempdir(), f"lctrain-tokenizer-{hashlib.sha1(raw).hexdigest()[:16]}.model")
+    if not os.path.isfile(dest):
+        tmp = f"{dest}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, dest)
+    return Tokenizer(dest)
+
+
+def cmd_export(args) -> int:
+    summary = export(args.path, args.out, args.dtype)
+    print(json.dumps(summary))
+    sys.stdout.flush()
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write a run's model as one safetensors file (recipe + tokenizer inside)",
+                              description="Consolidate a checkpoint (ZeRO shards or plain) into one safetensors file "
+                                          "that lctrain.train.export.load_exported loads on one process.")
+    p.add_argument("path", metavar="RUN_OR_CKPT", help="a run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES), help="weight dtype in the file (default fp32)")
+    p.set_defaults(fn=cmd_export)
