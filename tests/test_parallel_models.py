@@ -53,6 +53,10 @@ FAMILIES = {
                            "based": {"n_heads": 2, "feature_dim": 4}, "attention": {"n_heads": 4, "n_kv_heads": 1},
                            "swa": {"n_heads": 4, "window": 9}, "baseconv": {"kernel_size": 4}}}, "lasp2h"),
 }
+# Activation checkpointing recomputes each block in the backward pass, collectives included: every
+# rank must recompute in the same order, and the result must not change.
+FAMILIES["hybrid-checkpointed"] = FAMILIES["hybrid"]
+CHECKPOINTED = {"hybrid-checkpointed"}
 # world size, SP size
 LAYOUTS = {"sp2": (2, 2), "sp4": (4, 4), "dp2xsp2": (4, 2)}
 
@@ -127,6 +131,7 @@ def _family_worker(rank, world, sp, cases):
         try:
             model = _build(raw)
             model.load_state_dict(state)
+            model.activation_checkpointing = name in CHECKPOINTED
             ops = SequenceParallelOps(pc.sp_group, sp_attention=mode, meter=pc._meter)
             tokens, labels, ds = _batch(B * pc.dp_size)
             loss = _sp_step(pc, model, tokens, labels, ds, ops)

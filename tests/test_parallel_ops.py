@@ -54,6 +54,17 @@ def _close(actual, expected, what, rtol=1e-4, atol=1e-5):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
+def test_every_sequence_op_has_a_parallel_version():
+    """An op added to LocalOps but not to SequenceParallelOps would silently run on the local shard
+    only (wrong under SP): every public LocalOps method must be overridden."""
+    from lctrain.models.seqops import LocalOps
+    from lctrain.parallel import SequenceParallelOps
+    ops = {n for n in dir(LocalOps) if not n.startswith("_") and callable(getattr(LocalOps, n))}
+    assert ops, "LocalOps has no public ops?"
+    missing = sorted(n for n in ops if getattr(SequenceParallelOps, n) is getattr(LocalOps, n))
+    assert not missing, f"LocalOps ops without a sequence-parallel version: {missing}"
+
+
 # --- LASP-2 ------------------------------------------------------------------------------------------
 
 def _lasp2_worker(rank, world, sp):
