@@ -7,6 +7,7 @@ Backends: "recurrent" (token-by-token oracle), "chunk" (chunked torch, default o
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -79,6 +80,9 @@ def gated_linear_attention(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] 
         return recurrent_gla(*args)
     if backend == "chunk":
         return chunk_gla(*args)
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("gated_linear_attention: backend='triton' needs CUDA tensors "
+                         "(or TRITON_INTERPRET=1 set before triton is imported)")
     from lctrain.kernels.gla_triton import triton_gla
     return triton_gla(*args)
 

@@ -30,6 +30,8 @@ class ChunkLayout:
     chunk_len: Optional[Tensor] = None  # [NC] valid tokens in each chunk (1..C)
     first: Optional[list] = None     # host bools: chunk is its document's first
     last_chunk: Optional[Tensor] = None  # [N] last chunk of each document, -1 if empty
+    doc_chunk0: Optional[Tensor] = None  # [N] first chunk of each document
+    doc_nchunks: Optional[Tensor] = None  # [N] chunks of each document (0 if empty)
 
     @property
     def varlen(self) -> bool:
@@ -59,7 +61,7 @@ def build_layout(batch: int, seqlen: int, chunk: int, cu_seqlens: Optional[Tenso
     first = (within == 0).tolist()
     to = lambda t: t.to(device)
     return ChunkLayout(chunk, 1, nc, seqlen, to(gather), to(scatter), to(chunk_doc), to(start),
-                       to(clen), first, to(last_chunk))
+                       to(clen), first, to(last_chunk), to(first_idx), to(per_doc))
 
 
 def to_chunks(x: Tensor, lay: ChunkLayout) -> Tensor:
