@@ -66,7 +66,7 @@ def _measure_worker(rank, world, lengths):
     from lctrain.config import ParallelConfig
     from lctrain.parallel import SequenceParallelOps, init_parallel
     pc = init_parallel(ParallelConfig(sp=world, timeout_s=120), "cpu")
-    l2h = SequenceParallelOps(pc.sp_group, "lasp2h", meter=pc._meter)
+    l2h = SequenceParallelOps(pc.sp_group, "lasp2h", meter=pc.comm_meter)
     out = {}
     for T in lengths:
         L = T // world

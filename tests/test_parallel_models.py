@@ -132,7 +132,7 @@ def _family_worker(rank, world, sp, cases):
             model = _build(raw)
             model.load_state_dict(state)
             model.activation_checkpointing = name in CHECKPOINTED
-            ops = SequenceParallelOps(pc.sp_group, sp_attention=mode, meter=pc._meter)
+            ops = SequenceParallelOps(pc.sp_group, sp_attention=mode, meter=pc.comm_meter)
             tokens, labels, ds = _batch(B * pc.dp_size)
             loss = _sp_step(pc, model, tokens, labels, ds, ops)
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -261,7 +261,7 @@ def _bytes_worker(rank, world, sp):
     Hq, Hkv, D = 4, 1, 8
     qa, ka = _leaf(torch.randn(B, L, Hq, D)), _leaf(torch.randn(B, L, Hkv, D))
     step("ulysses", "ulysses", lambda: pc.seq_ops.attention(qa, ka, ka), costs.ulysses_bytes(B, L, Hq, Hkv, D, sp, 4))
-    l2h = SequenceParallelOps(pc.sp_group, "lasp2h", meter=pc._meter)
+    l2h = SequenceParallelOps(pc.sp_group, "lasp2h", meter=pc.comm_meter)
     step("lasp2h", "lasp2h", lambda: l2h.attention(qa, ka, ka), costs.lasp2h_bytes(B, L, Hkv, D, sp, 4))
     W = L + 2
     step("halo_window", "halo_window", lambda: pc.seq_ops.attention(qa, ka, ka, window=W),

@@ -55,8 +55,8 @@ def anchor(out: Tensor, *deps: Tensor) -> Tensor:
     """`out`, made to depend (with zero gradient) on `deps`.
 
     A collective's backward is itself a collective: every rank of the group must run it. A rank whose
-    result does not use a collective's output (rank 0 does not need the lower ranks' LASP-2 states)
-    would skip that backward node and hang the others, so the output is tied into the graph.
+    result does not use a collective's output (LASP-2 rank 0 uses none of the gathered states) would
+    skip that backward node and hang the others, so the output is tied into the graph.
     The deps must be finite (0 · inf = nan)."""
     extra = [d.sum() for d in deps if d.requires_grad]
     if not extra or not torch.is_grad_enabled():

@@ -64,14 +64,14 @@ class ParallelContext:
         self.backend = backend
         self.mesh = mesh
         self._owns_pg = owns_process_group
-        self._meter = CommMeter()
+        self.comm_meter = CommMeter()     # shared by the SP ops and the gradient reduction
         distributed = world_size > 1
         self.world_group = dist.group.WORLD if distributed else None
         self.sp_group = mesh.get_group("sp") if mesh is not None else None
         self.dp_group = mesh.get_group("dp") if mesh is not None else None
         if sp_size > 1:
             from lctrain.parallel.seqops import SequenceParallelOps
-            self.seq_ops = SequenceParallelOps(self.sp_group, sp_attention=sp_attention, meter=self._meter)
+            self.seq_ops = SequenceParallelOps(self.sp_group, sp_attention=sp_attention, meter=self.comm_meter)
         else:
             self.seq_ops = LocalOps()
 
@@ -111,7 +111,7 @@ class ParallelContext:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        self._meter.add("grad_allreduce", all_reduce_coalesced(grads, self.world_group))
+        self.comm_meter.add("grad_allreduce", all_reduce_coalesced(grads, self.world_group))
 
     def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
         """`t` reduced over the whole world (a new tensor on t's device)."""
@@ -138,7 +138,7 @@ class ParallelContext:
     def pop_comm_bytes(self) -> dict[str, int]:
         """Bytes this rank sent per layer type (lasp2, ulysses, lasp2h, halo_conv, halo_window,
         gather, grad_allreduce) since the last call."""
-        return self._meter.pop()
+        return self.comm_meter.pop()
 
     def shutdown(self) -> None:
         """Destroy the process group (no-op when single process or when someone else owns it)."""

@@ -3,8 +3,9 @@
 Rank r of P holds tokens [rL, (r+1)L) of every row (DESIGN.md §3-4):
 - `linear_attention`: LASP-2 — local pass from a zero state, one all-gather of (local final state,
   local total decay), a prefix scan over lower ranks, an output correction. Exact for g = None /
-  per head / per key dim and across document boundaries; the backward is autograd's (the kernel's
-  own backward with a gradient on its final state, and the all-gather's reduce-scatter).
+  per head / per key dim and across document boundaries. No hand-written backward: autograd runs
+  the kernel's own backward (with a gradient on its final state), the scan and correction, and the
+  all-gather's adjoint, one reduce-scatter (comm.py).
 - `attention`: Ulysses (all-to-all sequence <-> heads) or LASP-2H (all-gather K, V; local queries
   at their global causal offset), per `parallel.sp_attention`; sliding windows always use a halo of
   the W-1 previous tokens, from as many previous ranks as the window spans.
