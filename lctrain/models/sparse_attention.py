@@ -20,9 +20,11 @@ Cost per token (T tokens, H heads, H_kv KV heads, head dim D): selection ~ 2 H_k
 (scores against the complete blocks: quadratic in T with a 1/L factor, like NSA's compressed branch)
 plus attention 4 H D (W + k L) (linear in T). See `flops_per_token`.
 
-Training path: queries are processed `query_chunk` at a time; each chunk gathers its selected keys
-and is recomputed in the backward pass (activation checkpointing), so memory stays O(T) instead of
-O(T k L). Sequence parallel: local queries attend over K/V gathered with `ctx.ops.gather_sequence`
+Training path (the reference for a fused kernel): keys and values are laid out block-major once
+(O(T)); queries are processed `query_chunk` at a time, and each chunk is recomputed in the backward
+pass (activation checkpointing), so memory stays O(T) instead of O(T k L). A chunk whose queries
+chose few distinct blocks (<= UNION_FACTOR * k, the common case: neighbours agree) scores them all
+with one matmul and masks; otherwise each query copies its own k blocks. Sequence parallel: local queries attend over K/V gathered with `ctx.ops.gather_sequence`
 at their global causal offset (like LASP-2H; O(T) comm and memory for K, V); block summaries come
 from the gathered pre-RoPE keys (one gather of [rotated k, v, pre-RoPE k]).
 
