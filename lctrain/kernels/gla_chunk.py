@@ -5,8 +5,9 @@ Per chunk of C tokens with in-chunk inclusive cumulative log-decay `b` (so `b` i
     inter:  o_i += (q_i exp(b_i)) S_in                                 exponent <= 0
     state:  S_out = exp(b_last) S_in + sum_j (k_j exp(b_last - b_j))^T v_j
 Nothing is ever divided by a decay, so strong decay underflows to 0 instead of overflowing.
-Per-key-dim gates need the decay for every (i, j, key) triple; that product is a small custom op
-that recomputes it in its backward (memory O(T K), not O(T C K)) and uses C = 16.
+Per-key-dim gates need the decay for every (i, j, key) triple: C = 16 in 4-row sub-blocks, the
+off-diagonal ones as matmuls around a reference row, the diagonal ones exactly by a small custom op
+that recomputes the decays in its backward (memory O(T K), not O(T C K)).
 Documents (cu_seqlens) are chunked independently (see layout.py).
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from lctrain.kernels.layout import build_layout, from_chunks, to_chunks
 
+KEY_CHUNK, KEY_SUB = 16, 4  # per-key-dim gates: chunk and exact diagonal sub-block (fastest on CPU)
 _GROUP_ELEMS = 1 << 22   # bound on the [G, C, C, K] decay tensor materialised at once
 
 
@@ -59,6 +61,30 @@ class _KeyDecayedScores(torch.autograd.Function):
         return dq, dk, q * dq - k * dk
 
 
+def _key_scores(q: Tensor, k: Tensor, b: Tensor, sub: int) -> Tensor:
+    """Causal per-key-dim decayed scores [..., C, C] in sub-blocks of `sub` rows (as the Triton
+    kernel): block (I, J < I) is one matmul with the decay split at I's first row r,
+    (q_I e^(b_I - b_r)) (k_J e^(b_r - b_J))^T, both exponents <= 0; diagonal blocks are exact."""
+    *lead, C, K = q.shape
+    n = C // sub
+    diag = _KeyDecayedScores.apply(q.reshape(-1, sub, K), k.reshape(-1, sub, K), b.reshape(-1, sub, K))
+    diag = diag.view(*lead, n, sub, sub).unbind(-3)
+    qs, ks, bs = q.split(sub, -2), k.split(sub, -2), b.split(sub, -2)
+    rows = []
+    for i in range(n):
+        parts = []
+        if i:
+            ref = bs[i][..., :1, :]
+            qi = qs[i] * (bs[i] - ref).exp()
+            kj = torch.cat(ks[:i], -2) * (ref - torch.cat(bs[:i], -2)).exp()
+            parts.append(qi @ kj.transpose(-1, -2))
+        parts.append(diag[i])
+        if i < n - 1:
+            parts.append(q.new_zeros(*lead, sub, (n - 1 - i) * sub))
+        rows.append(torch.cat(parts, -1))
+    return torch.cat(rows, -2)
+
+
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
               initial_state: Optional[Tensor], output_final_state: bool,
               cu_seqlens: Optional[Tensor], chunk_size: Optional[int] = None):
@@ -66,7 +92,7 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
     B, T, H, K = q.shape
     V = v.shape[-1]
     gate = "none" if g is None else ("head" if g.dim() == 3 else "key")
-    C = chunk_size or (16 if gate == "key" else 64)
+    C = chunk_size or (KEY_CHUNK if gate == "key" else 64)
     lay = build_layout(B, T, C, cu_seqlens, q.device)
     R, NC = lay.rows, lay.nchunks
 
@@ -86,8 +112,7 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
             ke = kc * (b[..., -1:] - b).exp()[..., None]
             decay = b[..., -1].exp()[..., None, None]                   # [R, NC, H, 1, 1]
         else:                                                           # b: [R, NC, H, C, K]
-            flat = lambda x: x.reshape(-1, C, K)
-            scores = _KeyDecayedScores.apply(flat(qc), flat(kc), flat(b)).view(R, NC, H, C, C)
+            scores = _key_scores(qc, kc, b, KEY_SUB if C % KEY_SUB == 0 else C)
             qe = qc * b.exp()
             ke = kc * (b[..., -1:, :] - b).exp()
             decay = b[..., -1, :].exp()[..., None]                      # [R, NC, H, K, 1]
