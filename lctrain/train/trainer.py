@@ -318,23 +318,25 @@ class Trainer:
         r, t = self.recipe, self.recipe.train
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
+        source = None
+        if self.resume != "never":
+            source = ckpt.latest_checkpoint(self.run_dir) if self.resume == "auto" else ckpt.resolve_checkpoint(self.resume)
+        if source:          # an incompatible checkpoint fails before any work (and before the run dir is touched)
+            self._check_compatible(source, ckpt.read_state(source))
         data = self._prepare_data()
         self._prepare_run_dir(data)
         model = self._build_model(data.tokenizer.vocab_size)
         info = model.summary(t.seq_len)
         self.engine = build_engine(model, r, self.pc, self.device)
         try:
-            return self._train(self.engine, data, info)
+            return self._train(self.engine, data, info, source)
         finally:
             self.engine.close()
 
-    def _train(self, engine, data: PreparedData, info: dict) -> dict:
+    def _train(self, engine, data: PreparedData, info: dict, source: Optional[str]) -> dict:
         r, t = self.recipe, self.recipe.train
         state = TrainState()
-        source = None
         how = None
-        if self.resume != "never":
-            source = ckpt.latest_checkpoint(self.run_dir) if self.resume == "auto" else ckpt.resolve_checkpoint(self.resume)
         if source:
             state, how = self._load(source, engine)
             self.log(f"resumed from {source} at step {state.step}" + ("" if how == "native" else f" ({how})"))

@@ -294,6 +294,7 @@ class ZeroEngine:
             self._own_group = True
         import deepspeed
         _quiet_deepspeed()
+        self._install_world_group(dist)
         # Lets DeepSpeed's universal-checkpoint converter read our ZeRO 1/2 shards.
         model.universal_checkpoint_info = {"universal_checkpoint_version": 0.4}
         self.world = dist.get_world_size()
@@ -310,6 +311,15 @@ class ZeroEngine:
                 os.environ.pop(k, None)
         self.module = self.engine.module
         self.params = [p for p in self.module.parameters() if p.requires_grad]
+
+    def _install_world_group(self, dist):
+        """DeepSpeed shards and reduces over its clone of the world group (DP x SP here), which it would
+        create with the backend's default timeout (30 min on gloo); ours carries parallel.timeout_s so
+        a hung ZeRO collective fails like any other."""
+        import datetime
+        from deepspeed.utils import groups
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())),
+                                             timeout=datetime.timedelta(seconds=float(self.recipe.parallel.timeout_s)))
 
     def forward(self, input_ids, ctx):
         return self.engine(input_ids, ctx)
@@ -409,6 +419,12 @@ class ZeroEngine:
             self.engine.destroy()
         except Exception:
             pass
+        # DeepSpeed keeps its groups and comm backend in module globals: forget them, so a later engine
+        # in this process (on a new process group) builds its own.
+        from deepspeed import comm as ds_comm
+        from deepspeed.utils import groups
+        groups._WORLD_GROUP = None
+        ds_comm.comm.cdb = None
         if self._own_group:
             import torch.distributed as dist
             if dist.is_initialized():
