@@ -16,7 +16,7 @@ import yaml
 
 from tests.foundation_utils import ROOT, tiny_recipe, tiny_recipe_dict
 
-# Tokenizer + token cache of the tiny recipe: deterministic and written atomically, so the ZeRO,
+# CPU/gloo everywhere (also on a GPU machine). Tokenizer + token cache of the tiny recipe: deterministic and written atomically, so the ZeRO,
 # launch and fault modules share one (building it is the slowest part of a tiny run).
 CACHE = os.path.join(tempfile.gettempdir(), "lctrain-test-cache-zero")
 STEPS = 6
@@ -25,13 +25,13 @@ TOL = dict(rtol=2e-5, atol=2e-5)          # fp32: different reduction orders, sa
 
 
 def recipe_dict(**train) -> dict:
-    d = tiny_recipe_dict(CACHE, **{"steps": STEPS, "val_every": 0, **train})
+    d = tiny_recipe_dict(CACHE, **{"steps": STEPS, "val_every": 0, "device": "cpu", **train})
     d["checkpoint"] = {"every": EVERY, "keep_last": 3}
     return d
 
 
 def recipe(overrides=(), **train):
-    r = tiny_recipe(CACHE, overrides, **{"steps": STEPS, "val_every": 0, **train})
+    r = tiny_recipe(CACHE, overrides, **{"steps": STEPS, "val_every": 0, "device": "cpu", **train})
     r.checkpoint.every, r.checkpoint.keep_last = EVERY, 3
     return r
 

@@ -449,11 +449,15 @@ class Trainer:
             except RuntimeError as e:
                 if self.pc.distributed and _comm_failure(e):
                     metrics.close()
-                    first = " ".join(str(e).split())[:200]
+                    detail = " ".join(str(e).split())[:200]
+                    if "timed out" in detail.lower() or "timeout" in detail.lower():
+                        raise TrainingError(
+                            f"collective timed out at step {state.step + 1}: no answer from another rank within "
+                            f"parallel.timeout_s={r.parallel.timeout_s:g}s (a rank hung or is far behind); the last "
+                            f"checkpoint is kept ({detail})") from None
                     raise TrainingError(
-                        f"collective failed at step {state.step + 1}: no answer from another rank within "
-                        f"parallel.timeout_s={r.parallel.timeout_s:g}s or the connection to it was lost (a rank hung or "
-                        f"died); the last checkpoint is kept ({first})") from None
+                        f"collective failed at step {state.step + 1}: lost the connection to another rank (it died or "
+                        f"was killed); the last checkpoint is kept ({detail})") from None
                 raise
         metrics.close()
         return {"status": status, "step": state.step, "loss": step_loss if state.step else None,
