@@ -117,6 +117,7 @@ def test_resume_across_zero_stages_and_world_sizes(runs, tmp_path):
         assert got[4]["resumed_from"].endswith("step_00000003")
         assert_losses_close(got, single, [4, 5, 6], name)
         assert_models_close(model_state(dst, 6), model_state(runs["single"], 6), name)
+        assert sorted(os.listdir(os.path.join(dst, "checkpoints"))) == ["step_00000003", "step_00000006"]  # no litter
     jobs = []
     for name, src, overrides in (("single_to_z3", runs["single"], ["parallel.zero_stage=3"]),
                                  ("z1_to_z2", runs[1], ["parallel.zero_stage=2"]),

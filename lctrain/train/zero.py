@@ -153,7 +153,8 @@ def full_state_from_deepspeed(path: str, layout: ModelLayout, adam_steps: int, p
     if pc.is_main:
         shutil.rmtree(work, ignore_errors=True)
         try:
-            _run_ds_to_universal(os.path.join(path, ZERO_DIR), work)
+            # (the converter also writes a `latest_universal` file next to its output: inside `work`)
+            _run_ds_to_universal(os.path.join(path, ZERO_DIR), os.path.join(work, "out"))
         except Exception as e:   # reported on every rank below
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     error = pc.broadcast_object(error)
@@ -163,7 +164,7 @@ def full_state_from_deepspeed(path: str, layout: ModelLayout, adam_steps: int, p
         raise ckpt.CheckpointError(f"checkpoint {path}: cannot convert its ZeRO shards to a full state ({error})")
     full = FullState()
     try:
-        zdir = os.path.join(work, "zero")
+        zdir = os.path.join(work, "out", "zero")
         for name, shape in layout.shapes.items():
             pdir = os.path.join(zdir, name)
             full.params[name] = _read_universal(os.path.join(pdir, "fp32.pt"), shape, path, name)
