@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lctrain.kernels import gated_linear_attention, gla_step
+from lctrain.kernels import gla_chunk
 from lctrain.kernels.gla_chunk import chunk_gla
 from lctrain.kernels.testing import assert_backends_match, gla_inputs, run_with_grads
 
@@ -72,6 +73,18 @@ def test_chunk_varlen_matches_recurrent(gate, with_state):
     assert_backends_match(ref, out, **F64)
     if with_state:   # the empty document's final state is its initial state
         torch.testing.assert_close(out[1][1], s0[1])
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_chunk_blocks_of_chunks(gate, varlen, monkeypatch):
+    # the chunk path walks the sequence in blocks of BLOCK_TOKENS; make blocks small enough to matter
+    monkeypatch.setattr(gla_chunk, "BLOCK_TOKENS", 40)
+    cu = torch.tensor(CU) if varlen else None
+    n = len(CU) - 1 if varlen else 2
+    q, k, v, g, s0 = gla_inputs(1 if varlen else 2, CU[-1], 2, 8, 6, gate, dtype=torch.float64, n_states=n)
+    ref = run_with_grads(q, k, v, g, s0, backend="recurrent", cu_seqlens=cu)
+    assert_backends_match(ref, run_with_grads(q, k, v, g, s0, backend="chunk", cu_seqlens=cu), **F64)
 
 
 @pytest.mark.parametrize("gate", GATES)

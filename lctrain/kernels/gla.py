@@ -57,7 +57,7 @@ def _triton_ok(q: Tensor) -> bool:
         from lctrain.kernels import gla_triton  # noqa: F401
     except Exception:  # pragma: no cover - triton missing
         return False
-    return q.is_cuda
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def gated_linear_attention(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None, *,

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from lctrain.kernels.layout import build_layout, from_chunks, to_chunks
 
+BLOCK_TOKENS = 1024          # tokens per block of chunks (cache-sized work units)
 KEY_CHUNK, KEY_SUB = 16, 4  # per-key-dim gates: chunk and exact diagonal sub-block (fastest on CPU)
 _GROUP_ELEMS = 1 << 22   # bound on the [G, C, C, K] decay tensor materialised at once
 
@@ -85,6 +86,28 @@ def _key_scores(q: Tensor, k: Tensor, b: Tensor, sub: int) -> Tensor:
     return torch.cat(rows, -2)
 
 
+def _chunk_terms(qc, kc, vc, gc, gate: str):
+    """Per-chunk pieces, batched over chunks: [R, n, H, C, *] in.
+    Returns scores (causal, decayed), qe = q e^b, updates = (k e^(b_L - b))^T v, decay = e^(b_L)."""
+    C = qc.shape[-2]
+    mask = torch.ones(C, C, dtype=torch.bool, device=qc.device).tril()
+    if gate == "none":
+        return (qc @ kc.transpose(-1, -2)) * mask, qc, kc.transpose(-1, -2) @ vc, None
+    b = gc.cumsum(3)                                                    # inclusive, in-chunk
+    if gate == "head":                                                  # b: [R, n, H, C]
+        rel = torch.where(mask, b[..., :, None] - b[..., None, :], 0.0).exp() * mask
+        scores = (qc @ kc.transpose(-1, -2)) * rel
+        qe = qc * b.exp()[..., None]
+        ke = kc * (b[..., -1:] - b).exp()[..., None]
+        decay = b[..., -1].exp()[..., None, None]                       # [R, n, H, 1, 1]
+    else:                                                               # b: [R, n, H, C, K]
+        scores = _key_scores(qc, kc, b, KEY_SUB if C % KEY_SUB == 0 else C)
+        qe = qc * b.exp()
+        ke = kc * (b[..., -1:, :] - b).exp()
+        decay = b[..., -1, :].exp()[..., None]                          # [R, n, H, K, 1]
+    return scores, qe, ke.transpose(-1, -2) @ vc, decay
+
+
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
               initial_state: Optional[Tensor], output_final_state: bool,
               cu_seqlens: Optional[Tensor], chunk_size: Optional[int] = None):
@@ -96,45 +119,35 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
     lay = build_layout(B, T, C, cu_seqlens, q.device)
     R, NC = lay.rows, lay.nchunks
 
-    # [R, NC, H, C, *]
-    qc, kc, vc = (to_chunks(x.to(dt), lay).transpose(2, 3) for x in (q, k, v))
-    mask = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    if gate == "none":
-        scores = (qc @ kc.transpose(-1, -2)) * mask
-        qe, ke, decay = qc, kc, None
-    else:
-        gc = to_chunks(g.to(dt), lay).transpose(2, 3)
-        b = gc.cumsum(3)                                                # inclusive, in-chunk
-        if gate == "head":                                              # b: [R, NC, H, C]
-            rel = torch.where(mask, b[..., :, None] - b[..., None, :], 0.0).exp() * mask
-            scores = (qc @ kc.transpose(-1, -2)) * rel
-            qe = qc * b.exp()[..., None]
-            ke = kc * (b[..., -1:] - b).exp()[..., None]
-            decay = b[..., -1].exp()[..., None, None]                   # [R, NC, H, 1, 1]
-        else:                                                           # b: [R, NC, H, C, K]
-            scores = _key_scores(qc, kc, b, KEY_SUB if C % KEY_SUB == 0 else C)
-            qe = qc * b.exp()
-            ke = kc * (b[..., -1:, :] - b).exp()
-            decay = b[..., -1, :].exp()[..., None]                      # [R, NC, H, K, 1]
-    updates = ke.transpose(-1, -2) @ vc                                 # [R, NC, H, K, V]
-
-    # sequential pass over chunks: the state entering each chunk
     s0 = None if initial_state is None else initial_state.to(dt)
-    zero = qc.new_zeros(R, H, K, V)
+    zero = q.new_zeros(R, H, K, V, dtype=dt)
     state = zero if (s0 is None or lay.varlen) else s0
     docs = lay.chunk_doc.tolist() if lay.varlen else None
-    states, ends = [], []
-    # unbind, not [:, c]: a slice's backward writes a full-size zero gradient (quadratic in NC)
-    upd = updates.unbind(1)
-    dec = decay.unbind(1) if decay is not None else None
-    for c in range(NC):
-        if lay.varlen and lay.first[c]:                    # a document starts on this chunk edge
-            state = zero if s0 is None else s0[docs[c]][None]
-        states.append(state)
-        state = (state * dec[c] if dec is not None else state) + upd[c]
-        ends.append(state)
-    s_in = torch.stack(states, 1) if states else qc.new_zeros(R, 0, H, K, V)
-    o = (scores @ vc + qe @ s_in) * scale
+    s0_docs = s0.unbind(0) if (lay.varlen and s0 is not None) else None   # unbind: one backward, not N
+    # The sequence is processed in blocks of a fixed number of chunks, so every op works on a
+    # cache-sized tensor whatever T is (time stays linear in T). split/unbind rather than slicing:
+    # a slice's backward writes a full-size zero gradient, which would be quadratic in T.
+    per = max(1, BLOCK_TOKENS // C)
+    chunked = lambda x: to_chunks(x.to(dt), lay).transpose(2, 3).split(per, dim=1)   # [R, n, H, C, *]
+    blocks = zip(*(chunked(x) for x in (q, k, v)), *([chunked(g)] if g is not None else []))
+    outs, ends, c = [], [], 0
+    for blk in blocks:
+        qc, kc, vc = blk[:3]
+        if qc.shape[1] == 0:                               # T = 0 splits into one empty block
+            continue
+        scores, qe, updates, decay = _chunk_terms(qc, kc, vc, blk[3] if g is not None else None, gate)
+        upd = updates.unbind(1)
+        dec = decay.unbind(1) if decay is not None else None
+        states = []
+        for i in range(qc.shape[1]):                       # sequential: the state entering each chunk
+            if lay.varlen and lay.first[c]:                # a document starts on this chunk edge
+                state = zero if s0 is None else s0_docs[docs[c]][None]
+            states.append(state)
+            state = (state * dec[i] if dec is not None else state) + upd[i]
+            ends.append(state)
+            c += 1
+        outs.append((scores @ vc + qe @ torch.stack(states, 1)) * scale)
+    o = torch.cat(outs, 1) if outs else q.new_zeros(R, 0, H, C, V, dtype=dt)
     o = from_chunks(o.transpose(2, 3), lay).to(v.dtype)
 
     if not output_final_state:

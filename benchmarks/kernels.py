@@ -1,0 +1,224 @@
+"""Forward+backward time and peak memory of the GLA backends and softmax attention vs sequence length.
+
+    python benchmarks/kernels.py --quick                       # CPU, T = 1K..4K, a short run
+    python benchmarks/kernels.py --out kernels.json            # CPU, T = 1K..64K
+    python benchmarks/kernels.py --device cuda --dtype bf16    # GPU: triton vs fla vs flash-attn
+
+Every (backend, T) point runs in a fresh worker process, so its peak memory is its own: on CPU the
+resident-set high-water mark above the inputs (reset through /proc/self/clear_refs, with a fixed
+malloc mmap threshold so freed blocks go back to the OS); on CUDA torch's peak allocated bytes.
+Time is the best of --reps runs after one warm-up (wall clock; the worker's CPU time is stored too,
+being steadier on a shared machine). Ratios in the table come from the same run.
+Points are skipped (and listed as skipped) where they would take too long: the token-by-token
+`recurrent` backend above --recurrent-max-t, softmax attention on CPU above --attention-max-t.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CPU_T = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+GPU_T = [2048, 4096, 8192, 16384, 32768, 65536, 131072]
+
+
+# ---------------------------------------------------------------------------------------------
+# worker: one measurement in its own process
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _make_inputs(a, torch):
+    from lctrain.kernels.testing import gla_inputs
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    q, k, v, g, _ = gla_inputs(a.B, a.T, a.H, a.K, a.V, a.gate, dtype=torch.float32, device=a.device)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    return [t.requires_grad_(True) for t in (q, k, v)], (None if g is None else g.requires_grad_(True))
+
+
+def _step_fn(a, torch):
+    from lctrain import kernels
+    (q, k, v), g = _make_inputs(a, torch)
+    if a.backend == "attention":
+        qa, ka, va = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        return lambda: kernels.attention(qa, ka, va, causal=True).float().square().mean().backward()
+    if a.backend.startswith("fla_"):
+        from fla.ops.gla import chunk_gla as fla_gla  # type: ignore
+        from fla.ops.simple_gla import chunk_simple_gla  # type: ignore
+        if a.gate == "key":
+            run = lambda: fla_gla(q, k, v, g, scale=a.K ** -0.5)[0]
+        else:
+            run = lambda: chunk_simple_gla(q, k, v, g, scale=a.K ** -0.5)[0]
+        return lambda: run().float().square().mean().backward()
+    return lambda: kernels.gated_linear_attention(q, k, v, g, backend=a.backend)[0] \
+        .float().square().mean().backward()
+
+
+def worker(a) -> dict:
+    import torch
+    if a.device == "cpu":
+        torch.set_num_threads(a.threads)
+    step = _step_fn(a, torch)
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    if a.warmup:
+        step()
+    times = []
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                      # reset the RSS high-water mark
+        base = _status_kb("VmRSS") * 1024
+    cpu_times = []
+    for _ in range(a.reps):
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    peak = (torch.cuda.max_memory_allocated() if a.device == "cuda" else _status_kb("VmHWM") * 1024) - base
+    return {"time_s": min(times), "times_s": times, "cpu_time_s": min(cpu_times),
+            "peak_mem_mb": peak / 2 ** 20}
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+def fwd_flops(backend: str, B, T, H, K, V, chunk=64) -> float:
+    """Matmul FLOPs of one forward (causal attention: half the score matrix)."""
+    if backend == "attention":
+        return 2.0 * B * H * T * T * (K + V) / 2
+    return 2.0 * B * H * T * (chunk * (K + V) / 2 + 2 * K * V)
+
+
+def run_point(args, backend: str, T: int) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--backend", backend, "--T", str(T),
+           "--B", str(args.B), "--H", str(args.H), "--K", str(args.K), "--V", str(args.V),
+           "--gate", args.gate, "--dtype", args.dtype, "--device", args.device,
+           "--reps", str(1 if backend == "recurrent" else args.reps), "--threads", str(args.threads)]
+    if backend != "recurrent":
+        cmd.append("--warmup")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(args.threads),
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.point_timeout)
+    if p.returncode != 0:
+        return {"error": (p.stderr or p.stdout).strip().splitlines()[-1:]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def skipped(args, backend: str, T: int):
+    if backend == "recurrent" and T > args.recurrent_max_t:
+        return f"recurrent skipped above T={args.recurrent_max_t} (token loop, O(T) Python steps)"
+    if backend == "attention" and args.device == "cpu" and T > args.attention_max_t:
+        return f"attention skipped above T={args.attention_max_t} on CPU (O(T^2) time)"
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--T", type=int, nargs="*", help="sequence lengths (default: 1K..64K CPU, 2K..128K GPU)")
+    ap.add_argument("--quick", action="store_true", help="T = 1K, 2K, 4K and 2 reps")
+    ap.add_argument("--B", type=int, default=1)
+    ap.add_argument("--H", type=int, default=4)
+    ap.add_argument("--K", type=int, default=64)
+    ap.add_argument("--V", type=int, default=64)
+    ap.add_argument("--gate", default="head", choices=["none", "head", "key"])
+    ap.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--backends", nargs="*", help="default: chunk recurrent attention (CPU); "
+                                                  "triton fla attention (CUDA)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="CPU torch threads per worker")
+    ap.add_argument("--recurrent-max-t", type=int, default=4096)
+    ap.add_argument("--attention-max-t", type=int, default=16384)
+    ap.add_argument("--point-timeout", type=int, default=1800)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
+    ap.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
+    if args.worker:
+        args.T = args.T[0]
+        print(json.dumps(worker(args)))
+        return
+
+    cpu = args.device == "cpu"
+    Ts = args.T or ([1024, 2048, 4096] if args.quick else (CPU_T if cpu else GPU_T))
+    if args.quick:
+        args.reps = min(args.reps, 2)
+    backends = args.backends or (["chunk", "recurrent", "attention"] if cpu
+                                 else ["triton", "fla_" + args.gate, "attention"])
+    if cpu and "triton" in backends:
+        print("note: the triton backend is not timed on CPU (the interpreter is a correctness tool)")
+        backends = [b for b in backends if b != "triton"]
+    main_b = backends[0]
+    results, notes = {}, set()
+    for T in Ts:
+        for b in backends:
+            why = skipped(args, b, T)
+            if why:
+                notes.add(why)
+                continue
+            r = run_point(args, b, T)
+            if "time_s" in r:
+                r["tflops"] = 3 * fwd_flops(b, args.B, T, args.H, args.K, args.V) / r["time_s"] / 1e12
+            results.setdefault(T, {})[b] = r
+            status = f"{r['time_s'] * 1e3:10.1f} ms {r['peak_mem_mb']:9.1f} MB" if "time_s" in r else r["error"]
+            print(f"  T={T:6d} {b:10s} {status}", file=sys.stderr, flush=True)
+
+    # table: time and memory per backend, then ratios against the first backend, from this run
+    t = lambda T, b: results.get(T, {}).get(b, {}).get("time_s")
+    head = ["T"] + [f"{b} ms" for b in backends] + [f"{b}/{main_b}" for b in backends[1:]] \
+        + [f"{b} MB" for b in backends] + [f"{main_b} scaling"]
+    rows = []
+    ref_T = 4096 if 4096 in Ts else Ts[0]
+    for T in Ts:
+        row = [str(T)]
+        row += [f"{t(T, b) * 1e3:.1f}" if t(T, b) else "-" for b in backends]
+        row += [f"{t(T, b) / t(T, main_b):.2f}" if t(T, b) and t(T, main_b) else "-" for b in backends[1:]]
+        row += [f"{results[T][b]['peak_mem_mb']:.0f}" if t(T, b) else "-" for b in backends]
+        sc = t(T, main_b) / (T / ref_T * t(ref_T, main_b)) if t(T, main_b) and t(ref_T, main_b) else None
+        row.append(f"{sc:.2f}" if sc else "-")
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    print(f"GLA fwd+bwd, device={args.device} dtype={args.dtype} gate={args.gate} B={args.B} H={args.H} "
+          f"K={args.K} V={args.V} threads={args.threads if cpu else '-'} (best of {args.reps})")
+    print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    print(f"({main_b} scaling = time(T) / (T/{ref_T} * time({ref_T})); 1.00 is linear)")
+    for n in sorted(notes):
+        print("note:", n)
+
+    targets = {}
+    if cpu and t(4096, "chunk") and t(4096, "recurrent"):
+        targets["chunk_speedup_vs_recurrent_T4096"] = t(4096, "recurrent") / t(4096, "chunk")
+        print(f"target: chunk vs recurrent at T=4096: {targets['chunk_speedup_vs_recurrent_T4096']:.1f}x "
+              f"faster (want >= 5x)")
+    if t(65536, main_b) and t(4096, main_b):
+        targets["time64K_over_16x_time4K"] = t(65536, main_b) / (16 * t(4096, main_b))
+        print(f"target: {main_b} time(64K) / (16 * time(4K)) = {targets['time64K_over_16x_time4K']:.3f} "
+              f"(want <= 1.15)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"config": {k: v for k, v in vars(args).items() if k not in ("worker", "backend", "warmup")},
+                       "backends": backends, "results": results, "targets": targets,
+                       "notes": sorted(notes)}, f, indent=2)
+        print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
