@@ -71,7 +71,9 @@ def seed_run_from(src_run: str, step: int, dst_run: str):
 
 def assert_losses_close(a: dict, b: dict, steps, what=""):
     for s in steps:
-        for key in ("loss", "grad_norm"):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key == "val_loss" and not (key in a[s] and key in b[s]):
+                continue
             x, y = a[s][key], b[s][key]
             assert abs(x - y) <= TOL["atol"] + TOL["rtol"] * abs(y), f"{what} step {s} {key}: {x} vs {y}"
 
