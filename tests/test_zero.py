@@ -35,7 +35,7 @@ def runs(tmp_path_factory):
 def test_zero_dp2_matches_single_process(runs, stage):
     single, z = by_step(runs["single"]), by_step(runs[stage])
     assert sorted(z) == list(range(1, STEPS + 1))
-    assert_losses_close(z, single, range(1, STEPS + 1), f"zero{stage}")
+    assert_losses_close(z, single, range(1, STEPS + 1), f"zero{stage}", keys=("loss", "grad_norm", "val_loss"))
     assert "val_loss" in z[STEPS]                                      # validation (ZeRO-3: gathered weights) too
     assert single[STEPS]["loss"] < single[1]["loss"]
     assert [z[s]["consumed"] for s in z] == [4 * s for s in z]
