@@ -29,6 +29,22 @@ class TokenizerConfig:
 
 
 @dataclass
+class PasskeyDataConfig:
+    """Synthetic passkey-retrieval documents mixed into pretraining (lctrain/data/passkey.py)."""
+    docs: int = 0                     # number of documents mixed in (0: none)
+    min_tokens: int = 128             # document length range in tokens (prompt + answer), measured
+    max_tokens: int = 256             # with the run's tokenizer; keep max_tokens <= train.seq_len
+    preamble: bool = True             # the standard task description before the haystack
+    seed: int = 0
+
+    def validate(self, path):
+        require(self.docs >= 0, f"{path}.docs", f"must be >= 0, got {self.docs}")
+        require(self.min_tokens > 0, f"{path}.min_tokens", f"must be positive, got {self.min_tokens}")
+        require(self.max_tokens >= self.min_tokens, f"{path}.max_tokens",
+                f"must be >= min_tokens={self.min_tokens}, got {self.max_tokens}")
+
+
+@dataclass
 class DataConfig:
     source: Literal["builtin", "jsonl", "parquet", "text"] = "builtin"   # builtin = Python stdlib sources
     paths: list[str] = field(default_factory=list)   # files or globs (jsonl / parquet / text)
@@ -37,6 +53,7 @@ class DataConfig:
     val_fraction: float = 0.01        # documents held out for validation (stable hash of the doc id)
     max_bytes: Optional[int] = None   # cap on the corpus size read (quick runs and tests)
     cache_dir: Optional[str] = None   # tokenizer / token cache; default ~/.cache/lctrain
+    passkey: PasskeyDataConfig = field(default_factory=PasskeyDataConfig)   # synthetic passkey docs mixed in
 
     def validate(self, path):
         require(0.0 <= self.val_fraction < 1.0, f"{path}.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
@@ -130,10 +147,51 @@ class LoggingConfig:
 
 
 @dataclass
+class PasskeyEvalConfig:
+    """`lctrain eval passkey` defaults (lctrain/eval/passkey.py): a grid of lengths x depths."""
+    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096])   # prompt tokens
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depth
+    samples: int = 5                  # prompts (random keys) per cell
+    max_new_tokens: int = 8           # greedy decoding budget for the answer
+    chunk_size: int = 2048            # prefill chunk (memory bound for linear models)
+    preamble: Optional[bool] = None   # None: as the run's data.passkey.preamble
+    seed: int = 1234
+
+    def validate(self, path):
+        require(bool(self.lengths) and all(n > 0 for n in self.lengths), f"{path}.lengths",
+                f"must be a non-empty list of positive token counts, got {self.lengths}")
+        require(bool(self.depths) and all(0.0 <= d <= 1.0 for d in self.depths), f"{path}.depths",
+                f"must be a non-empty list of numbers in [0, 1], got {self.depths}")
+        for name in ("samples", "max_new_tokens", "chunk_size"):
+            require(getattr(self, name) > 0, f"{path}.{name}", f"must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class LengthEvalConfig:
+    """`lctrain eval length` defaults (lctrain/eval/length.py): per-position loss and state statistics."""
+    length: int = 16384               # tokens per evaluated sequence
+    samples: int = 4                  # sequences averaged
+    source: Literal["concat", "document"] = "concat"   # concat: held-out docs joined into one stream
+    buckets_per_octave: int = 2       # log-spaced position buckets
+    mitigations: list[str] = field(default_factory=lambda: ["none"])   # e.g. decay_scale=2,state_window=256
+    chunk_size: int = 2048            # prefill chunk (memory bound for linear models)
+    seed: int = 0
+
+    def validate(self, path):
+        require(self.length >= 2, f"{path}.length", f"must be >= 2, got {self.length}")
+        for name in ("samples", "buckets_per_octave", "chunk_size"):
+            require(getattr(self, name) > 0, f"{path}.{name}", f"must be positive, got {getattr(self, name)}")
+        require(bool(self.mitigations), f"{path}.mitigations", "must list at least one (e.g. none)")
+        from lctrain.eval.mitigations import parse_mitigation
+        for i, m in enumerate(self.mitigations):
+            parse_mitigation(m, f"{path}.mitigations[{i}]")
+
+
+@dataclass
 class EvalConfig:
-    """Evaluation run after / alongside training (lctrain.eval fills the studies' options)."""
-    passkey: dict[str, Any] = field(default_factory=dict)
-    length: dict[str, Any] = field(default_factory=dict)
+    """Long-context evaluation defaults (lctrain.eval): `lctrain eval passkey|length` and the studies."""
+    passkey: PasskeyEvalConfig = field(default_factory=PasskeyEvalConfig)
+    length: LengthEvalConfig = field(default_factory=LengthEvalConfig)
 
 
 @dataclass

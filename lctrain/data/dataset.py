@@ -24,6 +24,7 @@ import torch
 from lctrain.config import DataConfig, Recipe
 from lctrain.data.corpus import corpus_fingerprint, is_validation, iter_documents
 from lctrain.data.tokenizer import Tokenizer, train_tokenizer
+from lctrain.schema import to_dict
 
 # Extra document sources mixed into pretraining (e.g. synthetic passkey documents), by recipe:
 # each takes (recipe, tokenizer-free) and yields (doc_id, text). Registered by lctrain.data modules.
@@ -65,9 +66,12 @@ def _documents(recipe: Recipe) -> Iterator[tuple[str, str]]:
 
 
 def token_cache_dir(recipe: Recipe, tok: Tokenizer) -> str:
-    extras = ",".join(sorted(EXTRA_SOURCES))
+    # the passkey source adds nothing (and so changes no key) unless data.passkey.docs > 0
+    mixing = recipe.data.passkey.docs > 0
+    extras = ",".join(sorted(n for n in EXTRA_SOURCES if n != "passkey" or mixing))
+    mix = to_dict(recipe.data.passkey) if mixing else {}   # the options the extra sources read
     key = hashlib.sha1(f"{corpus_fingerprint(recipe.data)}|{_file_sha(tok.path)}|{extras}|"
-                       f"{json.dumps(recipe.eval.passkey, sort_keys=True, default=str)}".encode()).hexdigest()[:16]
+                       f"{json.dumps(mix, sort_keys=True, default=str)}".encode()).hexdigest()[:16]
     return os.path.join(cache_root(recipe.data), "tokens", key)
 
 
@@ -187,3 +191,11 @@ def open_data(recipe: Recipe, tok: Tokenizer, cache: str) -> PreparedData:
     train = PackedSequences(cache, "train", recipe.train.seq_len)
     val = PackedSequences(cache, "val", recipe.train.seq_len)
     return PreparedData(tok, cache, train, val if len(val) > 0 else None)
+
+
+def _register_extra_sources():
+    from lctrain.data.passkey import passkey_documents
+    EXTRA_SOURCES.setdefault("passkey", passkey_documents)   # recipe: data.passkey (no docs unless docs > 0)
+
+
+_register_extra_sources()
