@@ -274,7 +274,8 @@ class Trainer:
     def validate(self, model, val: PackedSequences) -> float:
         t = self.recipe.train
         model.eval()
-        n = min(len(val), t.val_batches * t.batch_size * self.pc.dp_size)
+        # a fixed set of sequences, split over the data-parallel ranks: val_loss is layout-independent
+        n = min(len(val), t.val_batches * t.batch_size)
         ids = list(range(self.pc.dp_rank, n, self.pc.dp_size))
         total = torch.zeros(2, dtype=torch.float64)
         starts = list(range(0, len(ids), t.batch_size))
