@@ -118,13 +118,16 @@ def test_state_passing(gate, split):
 
 
 @pytest.mark.parametrize("gate", GATES)
-def test_chunk_gradcheck_fp64(gate):
-    q, k, v, g, s0 = gla_inputs(1, 11, 1, 3, 2, gate, dtype=torch.float64, n_states=2)
-    cu = torch.tensor([0, 4, 11])
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_chunk_gradcheck_fp64(gate, chunk, monkeypatch):
+    # chunk 8 with per-key sub-blocks (4, 2): both nesting levels and the exact custom op
+    monkeypatch.setattr(gla_chunk, "KEY_SUBS", (4, 2))
+    q, k, v, g, s0 = gla_inputs(1, 19, 1, 3, 2, gate, dtype=torch.float64, n_states=2)
+    cu = torch.tensor([0, 4, 19])
     inputs = [t.requires_grad_(True) for t in (q, k, v, s0)] + ([] if g is None else [g.requires_grad_(True)])
 
     def f(q, k, v, s0, g=None):
-        o, fs = chunk_gla(q, k, v, g, 0.7, s0, True, cu, chunk_size=3)
+        o, fs = chunk_gla(q, k, v, g, 0.7, s0, True, cu, chunk_size=chunk)
         return o, fs
 
     assert torch.autograd.gradcheck(f, inputs)

@@ -20,7 +20,7 @@ from torch import Tensor
 from lctrain.kernels.layout import build_layout, from_chunks, to_chunks
 
 BLOCK_TOKENS = 1024          # tokens per block of chunks (cache-sized work units)
-KEY_CHUNK, KEY_SUB = 16, 4  # per-key-dim gates: chunk and exact diagonal sub-block (fastest on CPU)
+KEY_CHUNK, KEY_SUBS = 64, (16, 4)  # per-key-dim gates: chunk and nested sub-blocks (exact at the last)
 _GROUP_ELEMS = 1 << 22   # bound on the [G, C, C, K] decay tensor materialised at once
 
 
@@ -62,14 +62,18 @@ class _KeyDecayedScores(torch.autograd.Function):
         return dq, dk, q * dq - k * dk
 
 
-def _key_scores(q: Tensor, k: Tensor, b: Tensor, sub: int) -> Tensor:
-    """Causal per-key-dim decayed scores [..., C, C] in sub-blocks of `sub` rows (as the Triton
-    kernel): block (I, J < I) is one matmul with the decay split at I's first row r,
-    (q_I e^(b_I - b_r)) (k_J e^(b_r - b_J))^T, both exponents <= 0; diagonal blocks are exact."""
+def _key_scores(q: Tensor, k: Tensor, b: Tensor, subs: tuple) -> Tensor:
+    """Causal per-key-dim decayed scores [..., C, C] from [..., C, K], split in sub-blocks of subs[0]
+    rows (as the Triton kernel): block (I, J < I) is one matmul with the decay split at I's first
+    row r, (q_I e^(b_I - b_r)) (k_J e^(b_r - b_J))^T, both exponents <= 0; diagonal blocks recurse
+    with subs[1:], and are exact (the custom op) at the last level."""
     *lead, C, K = q.shape
+    sub = subs[0] if subs and C % subs[0] == 0 else C
     n = C // sub
-    diag = _KeyDecayedScores.apply(q.reshape(-1, sub, K), k.reshape(-1, sub, K), b.reshape(-1, sub, K))
-    diag = diag.view(*lead, n, sub, sub).unbind(-3)
+    fold = lambda x: x.reshape(-1, sub, K)
+    if n == 1:
+        return _KeyDecayedScores.apply(fold(q), fold(k), fold(b)).view(*lead, C, C)
+    diag = _key_scores(fold(q), fold(k), fold(b), subs[1:]).view(*lead, n, sub, sub).unbind(-3)
     qs, ks, bs = q.split(sub, -2), k.split(sub, -2), b.split(sub, -2)
     rows = []
     for i in range(n):
@@ -101,7 +105,7 @@ def _chunk_terms(qc, kc, vc, gc, gate: str):
         ke = kc * (b[..., -1:] - b).exp()[..., None]
         decay = b[..., -1].exp()[..., None, None]                       # [R, n, H, 1, 1]
     else:                                                               # b: [R, n, H, C, K]
-        scores = _key_scores(qc, kc, b, KEY_SUB if C % KEY_SUB == 0 else C)
+        scores = _key_scores(qc, kc, b, KEY_SUBS)
         qe = qc * b.exp()
         ke = kc * (b[..., -1:, :] - b).exp()
         decay = b[..., -1, :].exp()[..., None]                          # [R, n, H, K, 1]
