@@ -5,10 +5,12 @@ Per chunk of C tokens with in-chunk inclusive cumulative log-decay `b` (so `b` i
     inter:  o_i += (q_i exp(b_i)) S_in                                 exponent <= 0
     state:  S_out = exp(b_last) S_in + sum_j (k_j exp(b_last - b_j))^T v_j
 Nothing is ever divided by a decay, so strong decay underflows to 0 instead of overflowing.
-Per-key-dim gates need the decay for every (i, j, key) triple: C = 16 in 4-row sub-blocks, the
-off-diagonal ones as matmuls around a reference row, the diagonal ones exactly by a small custom op
-that recomputes the decays in its backward (memory O(T K), not O(T C K)).
-Documents (cu_seqlens) are chunked independently (see layout.py).
+Per-key-dim gates need the decay for every (i, j, key) triple: the 64-row chunk is split into 16-row
+and then 4-row sub-blocks; off-diagonal sub-blocks are matmuls around a reference row, the smallest
+diagonal ones exact, by a small custom op that recomputes the decays in its backward (memory O(T K),
+not O(T C K)). The chunks are processed in blocks of BLOCK_TOKENS so each op's working set stays
+cache-sized at any T; the only Python loop is the state pass over chunks.
+Documents (cu_seqlens) are chunked independently (see layout.py): no loop over documents.
 """
 from __future__ import annotations
 
@@ -131,15 +133,18 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
     # The sequence is processed in blocks of a fixed number of chunks, so every op works on a
     # cache-sized tensor whatever T is (time stays linear in T). split/unbind rather than slicing:
     # a slice's backward writes a full-size zero gradient, which would be quadratic in T.
+    # Blocks are split off the sequence-first layout and transposed one by one (and back), so the
+    # only full-length copies are the ones to_chunks/from_chunks need (none when C divides T).
     per = max(1, BLOCK_TOKENS // C)
-    chunked = lambda x: to_chunks(x.to(dt), lay).transpose(2, 3).split(per, dim=1)   # [R, n, H, C, *]
+    chunked = lambda x: to_chunks(x.to(dt), lay).split(per, dim=1)                  # [R, n, C, H, *]
     blocks = zip(*(chunked(x) for x in (q, k, v)), *([chunked(g)] if g is not None else []))
     outs, ends, c = [], [], 0
     for blk in blocks:
-        qc, kc, vc = blk[:3]
+        qc, kc, vc = (x.transpose(2, 3) for x in blk[:3])                           # [R, n, H, C, *]
         if qc.shape[1] == 0:                               # T = 0 splits into one empty block
             continue
-        scores, qe, updates, decay = _chunk_terms(qc, kc, vc, blk[3] if g is not None else None, gate)
+        gc = blk[3].transpose(2, 3) if g is not None else None
+        scores, qe, updates, decay = _chunk_terms(qc, kc, vc, gc, gate)
         upd = updates.unbind(1)
         dec = decay.unbind(1) if decay is not None else None
         states = []
@@ -150,9 +155,9 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
             state = (state * dec[i] if dec is not None else state) + upd[i]
             ends.append(state)
             c += 1
-        outs.append((scores @ vc + qe @ torch.stack(states, 1)) * scale)
-    o = torch.cat(outs, 1) if outs else q.new_zeros(R, 0, H, C, V, dtype=dt)
-    o = from_chunks(o.transpose(2, 3), lay).to(v.dtype)
+        outs.append(((scores @ vc + qe @ torch.stack(states, 1)) * scale).transpose(2, 3))
+    o = torch.cat(outs, 1) if outs else q.new_zeros(R, 0, C, H, V, dtype=dt)
+    o = from_chunks(o, lay).to(v.dtype)
 
     if not output_final_state:
         return o, None
