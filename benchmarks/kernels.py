@@ -131,7 +131,7 @@ def run_point(args, backend: str, T: int) -> dict:
     slow = backend == "recurrent"
     r = _spawn(args, backend, T, reps=1 if slow else args.reps, warmup=not slow, memory=False)
     if args.device == "cpu" and "time_s" in r:
-        r["peak_mem_mb"] = _spawn(args, backend, T, reps=1, warmup=False, memory=True).get("peak_mem_mb")
+        r["peak_mem_mb"] = _spawn(args, backend, T, reps=1, warmup=True, memory=True).get("peak_mem_mb")
     return r
 
 
