@@ -129,33 +129,29 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
     zero = q.new_zeros(R, H, K, V, dtype=dt)
     state = zero if (s0 is None or lay.varlen) else s0
     docs = lay.chunk_doc.tolist() if lay.varlen else None
-    s0_docs = s0.unbind(0) if (lay.varlen and s0 is not None) else None   # unbind: one backward, not N
+    want_ends = lay.varlen and output_final_state
     # The sequence is processed in blocks of a fixed number of chunks, so every op works on a
-    # cache-sized tensor whatever T is (time stays linear in T). split/unbind rather than slicing:
-    # a slice's backward writes a full-size zero gradient, which would be quadratic in T.
-    # Blocks are split off the sequence-first layout and transposed one by one (and back), so the
-    # only full-length copies are the ones to_chunks/from_chunks need (none when C divides T).
+    # cache-sized tensor whatever T is (time linear in T). split, not slicing: a slice's backward
+    # writes a full-size zero gradient (quadratic in T); blocks are split off the sequence-first
+    # layout and transposed one by one, so no full-length layout copies (none when C divides T).
+    # (Recomputing each block in the backward was tried: less memory, ~40% slower on CPU.)
     per = max(1, BLOCK_TOKENS // C)
     chunked = lambda x: to_chunks(x.to(dt), lay).split(per, dim=1)                  # [R, n, C, H, *]
-    blocks = zip(*(chunked(x) for x in (q, k, v)), *([chunked(g)] if g is not None else []))
-    outs, ends, c = [], [], 0
-    for blk in blocks:
-        qc, kc, vc = (x.transpose(2, 3) for x in blk[:3])                           # [R, n, H, C, *]
-        if qc.shape[1] == 0:                               # T = 0 splits into one empty block
+    blocks = zip(*(chunked(x) for x in (q, k, v)), *([chunked(g)] if g is not None else [(None,) * NC]))
+    outs, ends, c0 = [], [], 0
+    for qb, kb, vb, gb in blocks:
+        n = qb.shape[1]
+        if n == 0:                                         # T = 0 splits into one empty block
             continue
-        gc = blk[3].transpose(2, 3) if g is not None else None
-        scores, qe, updates, decay = _chunk_terms(qc, kc, vc, gc, gate)
-        upd = updates.unbind(1)
-        dec = decay.unbind(1) if decay is not None else None
-        states = []
-        for i in range(qc.shape[1]):                       # sequential: the state entering each chunk
-            if lay.varlen and lay.first[c]:                # a document starts on this chunk edge
-                state = zero if s0 is None else s0_docs[docs[c]][None]
-            states.append(state)
-            state = (state * dec[i] if dec is not None else state) + upd[i]
-            ends.append(state)
-            c += 1
-        outs.append(((scores @ vc + qe @ torch.stack(states, 1)) * scale).transpose(2, 3))
+        # documents starting in this block take their initial state (host-known positions)
+        starts = [c0 + i for i in range(n) if lay.varlen and lay.first[c0 + i]]
+        s0b = s0.index_select(0, torch.tensor([docs[c] for c in starts], device=q.device)) \
+            if (starts and s0 is not None) else None
+        ob, state, eb = _block(qb, kb, vb, gb, state, s0b, gate=gate, scale=scale,
+                               resets=[c - c0 for c in starts], want_ends=want_ends)
+        outs.append(ob)
+        ends.append(eb)
+        c0 += n
     o = torch.cat(outs, 1) if outs else q.new_zeros(R, 0, C, H, V, dtype=dt)
     o = from_chunks(o, lay).to(v.dtype)
 
@@ -169,3 +165,24 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
     final = ends.index_select(0, last.clamp(min=0)) if NC else zero.expand(last.numel(), H, K, V)
     keep = s0 if s0 is not None else zero
     return o, torch.where((last < 0)[:, None, None, None], keep, final)
+
+
+def _block(qb, kb, vb, gb, state, s0b, *, gate, scale, resets, want_ends):
+    """One block of chunks, sequence-first [R, n, C, H, *] in and out. `state` enters the first chunk;
+    at the chunks listed in `resets` a document starts with its initial state (s0b, in order) or 0.
+    Returns (o [R, n, C, H, V], state leaving the block, [n, H, K, V] chunk-end states or None)."""
+    qc, kc, vc = (x.transpose(2, 3) for x in (qb, kb, vb))                         # [R, n, H, C, *]
+    gc = gb.transpose(2, 3) if gb is not None else None
+    scores, qe, updates, decay = _chunk_terms(qc, kc, vc, gc, gate)
+    upd = updates.unbind(1)
+    dec = decay.unbind(1) if decay is not None else None
+    inits = iter(s0b.unbind(0)) if s0b is not None else None
+    states, ends = [], []
+    for i in range(qc.shape[1]):                           # sequential: the state entering each chunk
+        if i in resets:                                    # a document starts on this chunk edge
+            state = next(inits)[None] if inits is not None else torch.zeros_like(state)
+        states.append(state)
+        state = (state * dec[i] if dec is not None else state) + upd[i]
+        ends.append(state)
+    o = ((scores @ vc + qe @ torch.stack(states, 1)) * scale).transpose(2, 3)
+    return o, state, (torch.cat(ends, 0) if want_ends else None)
