@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -35,12 +36,26 @@ def cache_root(cfg: DataConfig) -> str:
     return os.path.expanduser(cfg.cache_dir or os.environ.get("LCTRAIN_CACHE", "~/.cache/lctrain"))
 
 
+def _tokenizer_extras(recipe: Recipe) -> list[str]:
+    """Text the active extra sources add to tokenizer training (an extra source may define
+    `fn.tokenizer_text(recipe) -> list[str]`, e.g. the passkey protocol's sentences so that its words
+    are single pieces); empty unless a source is active."""
+    out: list[str] = []
+    for name in sorted(EXTRA_SOURCES):
+        fn = getattr(EXTRA_SOURCES[name], "tokenizer_text", None)
+        if fn is not None:
+            out.extend(fn(recipe))
+    return out
+
+
 def tokenizer_path(recipe: Recipe) -> str:
     """Where the recipe's tokenizer lives (it may not exist yet)."""
     if recipe.tokenizer.path:
         return os.path.expanduser(recipe.tokenizer.path)
     t = recipe.tokenizer
-    name = f"{corpus_fingerprint(recipe.data)}-bpe{t.vocab_size}-{t.train_bytes}.model"
+    extras = _tokenizer_extras(recipe)
+    tag = "-x" + hashlib.sha1("\0".join(extras).encode()).hexdigest()[:8] if extras else ""
+    name = f"{corpus_fingerprint(recipe.data)}-bpe{t.vocab_size}-{t.train_bytes}{tag}.model"
     return os.path.join(cache_root(recipe.data), "tokenizers", name)
 
 
@@ -49,8 +64,9 @@ def ensure_tokenizer(recipe: Recipe, log: Callable[[str], None] = print) -> Toke
     if os.path.isfile(path):
         return Tokenizer(path)
     log(f"training a {recipe.tokenizer.vocab_size}-piece BPE tokenizer on the data -> {path}")
-    texts = (text for doc_id, text in iter_documents(recipe.data)
-             if not is_validation(doc_id, recipe.data.val_fraction))
+    texts = itertools.chain(_tokenizer_extras(recipe),
+                            (text for doc_id, text in iter_documents(recipe.data)
+                             if not is_validation(doc_id, recipe.data.val_fraction)))
     return train_tokenizer(texts, path, recipe.tokenizer.vocab_size, recipe.tokenizer.train_bytes)
 
 

@@ -19,7 +19,10 @@ encoding is authoritative (a tokenizer that does not split by whitespace gets a 
 
 Training data (`data.passkey` in a recipe): `passkey_documents(recipe)` yields synthetic documents
 (prompt followed by " <key>.") of uniformly random token length, depth and key, mixed into the token
-cache through `lctrain.data.dataset.EXTRA_SOURCES["passkey"]`.
+cache through `lctrain.data.dataset.EXTRA_SOURCES["passkey"]`. When the run trains its own tokenizer,
+`passkey_documents.tokenizer_text` adds the protocol's sentences to its training text, so the
+protocol's words are single pieces (a code-only BPE splits them into fragments, which makes the task
+much slower to learn at CPU scale).
 """
 from __future__ import annotations
 
@@ -203,3 +206,17 @@ def passkey_documents(recipe) -> Iterator[tuple[str, str]]:
         n = rng.randint(lo, cfg.max_tokens)
         p = builder.build(n - ans, rng.random(), random_key(rng))
         yield f"passkey/{cfg.seed}/{i}", p.text + answer_text(p.key)
+
+
+TOKENIZER_COPIES = 1000     # ~0.45 MB of protocol text in the tokenizer's training sample
+
+
+def _tokenizer_text(recipe) -> list[str]:
+    """The protocol's sentences for tokenizer training (none unless passkey documents are mixed in)."""
+    if recipe.data.passkey.docs <= 0:
+        return []
+    sample = " ".join([PREAMBLE] + [FILLER] * 3 + [NEEDLE.format(key="12345"), QUESTION + answer_text("67890")])
+    return [sample] * TOKENIZER_COPIES
+
+
+passkey_documents.tokenizer_text = _tokenizer_text

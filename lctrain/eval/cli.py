@@ -94,7 +94,8 @@ def cmd_passkey(args) -> int:
     result = {"model": lm.describe(), "mitigation": mit.name, **result}
     out = args.out or os.path.join(lm.run_dir, "eval")
     jpath = _write_json(os.path.join(out, f"{args.name}.json"), result)
-    ppath = plots.passkey_heatmap(result, os.path.join(out, f"{args.name}.png"), train_len=lm.train_len,
+    mark, label = lm.passkey_mark()
+    ppath = plots.passkey_heatmap(result, os.path.join(out, f"{args.name}.png"), train_len=mark, train_label=label,
                                   title=f"passkey: {lm.recipe.name} step {lm.step}"
                                         f"{'' if mit.neutral else ' ' + mit.name} (overall {result['overall']:.2f})")
     print(json.dumps({"overall": result["overall"], "accuracy_by_length": dict(zip(map(str, cfg.lengths),
@@ -140,6 +141,9 @@ def cmd_study(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     report = run_study(study, out_dir=args.out, log=_log(args))
+    if not report:
+        print(json.dumps({"report": None, "status": "interrupted"}))
+        return 130
     print(json.dumps({"report": report}))
     return 0
 

@@ -27,11 +27,23 @@ class LoadedModel:
     def train_len(self) -> int:
         return int(self.recipe.train.seq_len)
 
+    @property
+    def passkey_train_len(self) -> Optional[int]:
+        """Longest passkey training document (tokens) if the run mixed them in, else None."""
+        pk = self.recipe.data.passkey
+        return int(pk.max_tokens) if pk.docs > 0 else None
+
+    def passkey_mark(self) -> tuple[int, str]:
+        """The length to mark on passkey plots and what it is."""
+        if self.passkey_train_len:
+            return self.passkey_train_len, "longest passkey training document"
+        return self.train_len, "training length"
+
     def describe(self) -> dict:
         cfg = self.recipe.model
         return {"run_dir": os.path.abspath(self.run_dir), "checkpoint": os.path.abspath(self.checkpoint),
                 "step": self.step, "arch": cfg.arch, "pattern": cfg.pattern, "n_layers": cfg.n_layers,
-                "d_model": cfg.d_model, "train_len": self.train_len,
+                "d_model": cfg.d_model, "train_len": self.train_len, "passkey_train_len": self.passkey_train_len,
                 "state_elements": self.model.state_elements(self.train_len),
                 "params": self.model.num_params()}
 

@@ -31,8 +31,10 @@ def _mark_train_len(ax, train_len, label=True, color="k", text="training length"
         ax.axvline(train_len, color=color, ls="--", lw=1, label=f"{text} ({train_len})" if label else None)
 
 
-def passkey_heatmap(result: dict, path: str, title: str = "", train_len: Optional[int] = None) -> str:
-    """Accuracy heatmap: needle depth (rows) x context length (columns), cell values annotated."""
+def passkey_heatmap(result: dict, path: str, title: str = "", train_len: Optional[int] = None,
+                    train_label: str = "training length") -> str:
+    """Accuracy heatmap: needle depth (rows) x context length (columns), cell values annotated; the
+    training length is starred (a listed length) or a dashed line (between columns)."""
     plt = _plt()
     acc = np.asarray(result["accuracy"], dtype=float)
     lengths, depths = result["lengths"], result["depths"]
@@ -42,7 +44,15 @@ def passkey_heatmap(result: dict, path: str, title: str = "", train_len: Optiona
     ax.set_xticklabels([f"{n}{'*' if train_len and n == train_len else ''}" for n in lengths], rotation=45)
     ax.set_yticks(range(len(depths)))
     ax.set_yticklabels([f"{d:g}" for d in depths])
-    ax.set_xlabel("context length (tokens)" + ("; * = training length" if train_len in lengths else ""))
+    if train_len in lengths:
+        note = f"; * = {train_label}"
+    elif train_len and lengths[0] < train_len < lengths[-1]:
+        note = f"; dashed = {train_label} ({train_len})"
+    elif train_len:
+        note = f"; {train_label} {train_len}"
+    else:
+        note = ""
+    ax.set_xlabel("context length (tokens)" + note)
     ax.set_ylabel("needle depth")
     for i in range(acc.shape[0]):
         for j in range(acc.shape[1]):
@@ -95,24 +105,26 @@ def state_vs_position(positions: Sequence[int], layers: list[dict], path: str, s
         ax.set_title(f"layer {layer['layer']} ({layer['key']})", fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-        if vals.shape[1] <= 8:
-            ax.legend(fontsize=6, ncol=2)
+        if vals.shape[1] <= 8 and ax is axes.flat[0]:
+            ax.legend(fontsize=6, ncol=2, loc="best")
     fig.supxlabel("position (tokens)" + (f"; dashed = training length {train_len}" if train_len else ""),
                   fontsize=9)
     fig.supylabel(f"state {stat} per head", fontsize=9)
     fig.suptitle(title or f"recurrent state {stat} vs position", fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)
 
 
 def lines(x: Sequence, series: dict[str, Sequence[float]], path: str, xlabel: str, ylabel: str,
-          title: str = "", logx: bool = True, train_lens: Sequence[int] = (), ylim=None) -> str:
+          title: str = "", logx: bool = True, train_lens: Sequence[int] = (), ylim=None,
+          train_label: str = "training length") -> str:
     """A generic line plot (study summaries, e.g. passkey accuracy vs length per state size)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, y in series.items():
         ax.plot(x, y, marker="o", ms=4, lw=1.4, label=name)
-    for tl in sorted(set(t for t in train_lens if t)):
-        _mark_train_len(ax, tl)
+    for i, tl in enumerate(sorted(set(t for t in train_lens if t))):
+        _mark_train_len(ax, tl, color=f"C{7 + i % 3}" if len(set(train_lens)) > 1 else "k", text=train_label)
     if logx:
         ax.set_xscale("log", base=2)
     if ylim:

@@ -123,8 +123,9 @@ def _train(study: Study, run: StudyRun, run_dir: str, log) -> dict:
         recipe.train.num_threads = study.config.threads
     t0 = time.perf_counter()
     res = train(recipe, run_dir=run_dir, resume="auto", log=lambda m: log(f"[{run.name}] {m}"))
-    return {"status": res["status"], "step": res["step"], "loss": res.get("loss"), "val_loss": res.get("val_loss"),
-            "seconds": time.perf_counter() - t0}
+    finite = lambda x: x if isinstance(x, (int, float)) and x == x and abs(x) != float("inf") else None
+    return {"status": res["status"], "step": res["step"], "loss": finite(res.get("loss")),
+            "val_loss": finite(res.get("val_loss")), "seconds": time.perf_counter() - t0}
 
 
 def _final_metrics(run_dir: str) -> dict:
@@ -158,6 +159,10 @@ def run_study(study: Study, out_dir: Optional[str] = None, log: Callable[[str], 
         run_dir = os.path.join(out, "runs", run.name)
         log(f"=== {run.name}: training ({' '.join(run.set) or 'base recipe'}) -> {run_dir}")
         trained = _train(study, run, run_dir, log)
+        if trained["status"] != "completed":
+            log(f"=== {run.name}: training {trained['status']} at step {trained['step']}; stopping the study "
+                "(run the same command to resume)")
+            return ""
         lm = load_run(run_dir)
         entry = {"name": run.name, "label": run.label or run.name, "set": run.set, "run_dir": run_dir,
                  "model": lm.describe(), "train": {**trained, **_final_metrics(run_dir)}}
@@ -176,7 +181,8 @@ def run_study(study: Study, out_dir: Optional[str] = None, log: Callable[[str], 
             pk_pre = cfg.passkey.preamble if cfg.passkey.preamble is not None else lm.recipe.data.passkey.preamble
             res = evaluate_passkey(lm.model, lm.tokenizer, cfg.passkey, preamble=pk_pre,
                                    log=lambda m: log(f"[{run.name}] {m}"))
-            png = plots.passkey_heatmap(res, os.path.join(ev_dir, "passkey.png"), train_len=lm.train_len,
+            mark, label = lm.passkey_mark()
+            png = plots.passkey_heatmap(res, os.path.join(ev_dir, "passkey.png"), train_len=mark, train_label=label,
                                         title=f"{run.label or run.name}: passkey (overall {res['overall']:.2f})")
             _dump(os.path.join(ev_dir, "passkey.json"), {"model": lm.describe(), **res})
             entry["passkey"], entry["passkey_png"] = res, png
@@ -233,10 +239,13 @@ def _summary_plots(cfg: StudyConfig, results: list[dict], out: str) -> dict[str,
         if all(r["passkey"]["lengths"] == x for r in with_pk):
             series = {f"{r['label']} (state {r['model']['state_elements']:,})": r["passkey"]["accuracy_by_length"]
                       for r in with_pk}
+            marks = sorted({r["model"].get("passkey_train_len") or r["model"]["train_len"] for r in with_pk})
             files["passkey_accuracy"] = plots.lines(
                 x, series, os.path.join(out, "passkey_accuracy.png"), "context length (tokens)",
                 "passkey accuracy (mean over depths)", title="passkey accuracy vs length",
-                train_lens=sorted({r["model"]["train_len"] for r in with_pk}), ylim=(-0.02, 1.02))
+                train_lens=marks, ylim=(-0.02, 1.02),
+                train_label="longest passkey training doc" if any(r["model"].get("passkey_train_len") for r in with_pk)
+                else "training length")
     return files
 
 
@@ -266,8 +275,10 @@ def _report(study: Study, results: list[dict], summary: dict, out: str, elapsed:
     L.append("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m, t = r["model"], r["train"]
+        tl = str(m["train_len"]) + (f" (passkey docs ≤ {m['passkey_train_len']})" if m.get("passkey_train_len") else "")
+        tok = f"{t['tokens']:,}" if isinstance(t.get("tokens"), int) else "n/a"
         L.append(f"| {r['label']} | {' '.join(f'`{s}`' for s in r['set']) or '—'} | {m['params']:,} | "
-                 f"{m['state_elements']:,} | {m['train_len']} | {t['step']} | {t.get('tokens') or 'n/a'} | "
+                 f"{m['state_elements']:,} | {tl} | {t['step']} | {tok} | "
                  f"{_f(t.get('final_loss'))} | {_f(t.get('final_val_loss'))} |")
     L.append("")
     with_len = [r for r in results if "length" in r]
@@ -318,6 +329,13 @@ def _report(study: Study, results: list[dict], summary: dict, out: str, elapsed:
             p = r["passkey"]
             L.append(f"| {r['label']} | {r['model']['state_elements']:,} | "
                      + " | ".join(f"{a:.2f}" for a in p["accuracy_by_length"]) + f" | {p['overall']:.2f} |")
+        L.append("")
+        for r in with_pk:
+            p = r["passkey"]
+            ok = [n for n, a in zip(lengths, p["accuracy_by_length"]) if a >= 0.5]
+            L.append(f"- **{r['label']}** (state {r['model']['state_elements']:,} elements): accuracy "
+                     f"{p['accuracy_by_length'][0]:.2f} at {lengths[0]} tokens, {p['accuracy_by_length'][-1]:.2f} at "
+                     f"{lengths[-1]}; longest length with accuracy >= 0.5: {max(ok) if ok else 'none'}.")
         L.append("")
         if "passkey_accuracy" in summary:
             L.append(f"![passkey accuracy]({_rel(summary['passkey_accuracy'], out)})\n")
