@@ -144,6 +144,26 @@ def test_cli_length_writes_json_and_plots(tiny_run, tmp_path, capsys):
         assert (out_dir / f).read_bytes()[:8] == PNG, f
 
 
+def test_cli_evaluates_an_exported_model(tiny_run, tmp_path, capsys):
+    f = tmp_path / "model.safetensors"
+    code, _, err = _run(["export", tiny_run["run_dir"], "--out", str(f)], capsys)
+    assert code == 0, err
+    code, out, err = _run(["eval", "passkey", str(f), "--lengths", "48", "--depths", "0.5", "--samples", "2",
+                           "--quiet"], capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "eval" / "passkey.json").read_text())
+    # the same weights give the same answers as the run directory
+    code, _, err = _run(["eval", "passkey", tiny_run["run_dir"], "--lengths", "48", "--depths", "0.5", "--samples",
+                         "2", "--out", str(tmp_path / "from_run"), "--quiet"], capsys)
+    assert code == 0, err
+    ref = json.loads((tmp_path / "from_run" / "passkey.json").read_text())
+    assert [r["output"] for r in res["records"]] == [r["output"] for r in ref["records"]]
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nope")
+    code, _, err = _run(["eval", "passkey", str(bad)], capsys)
+    _one_line_error(code, err, "not a safetensors file")
+
+
 def test_cli_length_on_text_files(tiny_run, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("".join(t for _, t in itertools.islice(builtin_documents(), 3)))
@@ -210,11 +230,16 @@ def test_bad_length_arguments(tiny_run, capsys):
                         (["passkey", run, "--depths", "0,1.5"], "--depths: must be in [0, 1]"),
                         (["passkey", run, "--samples", "0"], "--samples: must be positive"),
                         (["length", run, "--length", "1"], "--length: must be >= 2"),
+                        (["length", run, "--length", "4k5"], "argument --length: invalid int value"),
                         (["length", run, "--length", "-3"], "--length: must be positive"),
                         (["length", run, "--chunk-size", "0"], "--chunk-size: must be positive"),
                         (["length", run, "--mitigation", "decay=2"], "unknown knob"),
                         (["length", run, "--text", "/nonexistent.txt", "--length", "64"], "--text: file not found")):
-        code, _, err = _run(["eval", *argv], capsys)
+        try:
+            code = main(["eval", *argv])
+        except SystemExit as e:          # argparse's own errors exit from parse_args
+            code = e.code
+        _, err = capsys.readouterr()
         _one_line_error(code, err, match)
 
 

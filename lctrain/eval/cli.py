@@ -148,10 +148,22 @@ def cmd_study(args) -> int:
     return 0
 
 
+def _one_line_errors(p):
+    """argparse's own errors (e.g. --length abc) as one line, like every other lctrain error."""
+    import sys
+
+    def error(message):
+        print(f"lctrain: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    p.error = error
+    return p
+
+
 def _common(p, name_default: str):
-    p.add_argument("run", help="run directory (its latest checkpoint) or a checkpoint directory")
+    p.add_argument("run", help="run directory (its latest checkpoint), checkpoint directory, or a .safetensors "
+                               "file from lctrain export")
     p.add_argument("--tokenizer", help="tokenizer .model (default: the run directory's tokenizer.model)")
-    p.add_argument("--out", help="output directory (default: RUN/eval)")
+    p.add_argument("--out", help="output directory (default: RUN/eval; next to an exported file)")
     p.add_argument("--name", default=name_default, help=f"output file stem (default: {name_default})")
     p.add_argument("--chunk-size", type=int, help="prefill chunk in tokens (default: the recipe's eval section)")
     p.add_argument("--seed", type=int, help="sampling seed")
@@ -166,9 +178,9 @@ def register(subparsers) -> None:
     sub = ev.add_subparsers(dest="eval_command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("passkey", help="passkey retrieval accuracy over context length x needle depth",
+    p = _one_line_errors(sub.add_parser("passkey", help="passkey retrieval accuracy over context length x needle depth",
                        description="Passkey retrieval (standard protocol): writes OUT/passkey.json and a heatmap "
-                                   "OUT/passkey.png (depth x length).")
+                                   "OUT/passkey.png (depth x length)."))
     _common(p, "passkey")
     p.add_argument("--lengths", help="comma-separated prompt lengths in tokens, e.g. 256,512,1k,4k")
     p.add_argument("--depths", help="comma-separated needle depths in [0, 1], e.g. 0,0.25,0.5,0.75,1")
@@ -181,9 +193,9 @@ def register(subparsers) -> None:
     g.add_argument("--no-preamble", dest="preamble", action="store_false")
     p.set_defaults(fn=cmd_passkey)
 
-    p = sub.add_parser("length", help="per-position loss and recurrent-state statistics far beyond the training length",
+    p = _one_line_errors(sub.add_parser("length", help="per-position loss and recurrent-state statistics far beyond the training length",
                        description="State-collapse study of one model: writes OUT/length.json, OUT/length_loss.png "
-                                   "and OUT/length_state_norm_<mitigation>.png.")
+                                   "and OUT/length_state_norm_<mitigation>.png."))
     _common(p, "length")
     p.add_argument("--length", type=int, help="tokens per evaluated sequence (e.g. 16384 or 1048576)")
     p.add_argument("--samples", type=int, help="sequences averaged")
@@ -197,9 +209,9 @@ def register(subparsers) -> None:
     p.add_argument("--train-len", type=int, help="training length to mark (default: the run's train.seq_len)")
     p.set_defaults(fn=cmd_length)
 
-    p = sub.add_parser("study", help="run a study recipe end to end (train, evaluate, write a markdown report)",
+    p = _one_line_errors(sub.add_parser("study", help="run a study recipe end to end (train, evaluate, write a markdown report)",
                        description="Run a study (recipes/studies/*.yaml): trains its runs (resuming finished ones), "
-                                   "evaluates them and writes OUT/report.md with plots.")
+                                   "evaluates them and writes OUT/report.md with plots."))
     p.add_argument("study", help="study recipe, e.g. recipes/studies/state-collapse.yaml")
     p.add_argument("--out", help="output directory (default: the study's out_dir)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -1,5 +1,6 @@
-"""Load a trained model for evaluation from a run directory (its latest checkpoint) or a checkpoint
-directory, with the run's resolved recipe and tokenizer (or another tokenizer file)."""
+"""Load a trained model for evaluation from a run directory (its latest checkpoint), a checkpoint
+directory or a file written by `lctrain export` (.safetensors: recipe and tokenizer inside), with the
+run's resolved recipe and tokenizer (or another tokenizer file)."""
 from __future__ import annotations
 
 import os
@@ -58,7 +59,10 @@ def load_run(path: str, tokenizer: Optional[str] = None, device: str = "cpu") ->
     if not path or not os.path.exists(path):
         raise CheckpointError(f"checkpoint: no such run or checkpoint directory: {path}")
     if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint: {path} is a file; give a run directory or a checkpoint directory")
+        if path.endswith(".safetensors"):
+            return _load_exported(path, tokenizer, device)
+        raise CheckpointError(f"checkpoint: {path} is a file; give a run directory, a checkpoint directory or "
+                              "a .safetensors file from lctrain export")
     ckpt = resolve_checkpoint(path)
     run_dir = _run_dir_of(ckpt)
     recipe_path = os.path.join(run_dir, "recipe.yaml")
@@ -70,6 +74,9 @@ def load_run(path: str, tokenizer: Optional[str] = None, device: str = "cpu") ->
     if tokenizer is None and not os.path.isfile(tok_path):
         raise TokenizerError(f"tokenizer: the run directory {run_dir} has no tokenizer.model; pass --tokenizer")
     tok = Tokenizer(tok_path)
+    if not os.path.isfile(os.path.join(ckpt, "model.pt")) and os.path.isdir(os.path.join(ckpt, "zero")):
+        raise CheckpointError(f"checkpoint {ckpt} holds ZeRO shards, no model.pt: run `lctrain export {path} "
+                              "--out model.safetensors` and evaluate that file")
     state = load_tensor_file(ckpt, "model.pt")
     if not isinstance(state, dict) or "embed.weight" not in state:
         raise CheckpointError(f"checkpoint {ckpt}: model.pt is not a language-model state dict")
@@ -85,8 +92,24 @@ def load_run(path: str, tokenizer: Optional[str] = None, device: str = "cpu") ->
         first = " ".join(str(e).split())[:300]
         raise CheckpointError(f"checkpoint {ckpt}: weights do not match the run's recipe ({first})") from None
     step = int(read_state(ckpt).get("step", 0))
+    model.to(_device(device)).eval()
+    return LoadedModel(model=model, tokenizer=tok, recipe=recipe, run_dir=run_dir, checkpoint=ckpt, step=step)
+
+
+def _device(device: str) -> torch.device:
     dev = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda requested but no GPU is available")
-    model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=tok, recipe=recipe, run_dir=run_dir, checkpoint=ckpt, step=step)
+    return dev
+
+
+def _load_exported(path: str, tokenizer: Optional[str], device: str) -> LoadedModel:
+    from lctrain.train.export import _metadata, load_exported, load_exported_tokenizer
+    model, recipe = load_exported(path)
+    tok = Tokenizer(tokenizer) if tokenizer else load_exported_tokenizer(path)
+    if tok.vocab_size > recipe.model.vocab_size:
+        raise TokenizerError(f"tokenizer: {tok.path} has {tok.vocab_size} pieces but the model's vocabulary has "
+                             f"{recipe.model.vocab_size}: not this model's tokenizer")
+    step = int(_metadata(path).get("step", 0))
+    return LoadedModel(model=model.to(_device(device)).eval(), tokenizer=tok, recipe=recipe,
+                       run_dir=os.path.dirname(os.path.abspath(path)), checkpoint=path, step=step)
