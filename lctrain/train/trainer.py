@@ -274,8 +274,9 @@ class Trainer:
     def validate(self, model, val: PackedSequences) -> float:
         t = self.recipe.train
         model.eval()
-        # a fixed set of sequences, split over the data-parallel ranks: val_loss is layout-independent
-        n = min(len(val), t.val_batches * t.batch_size)
+        # val_batches micro-batches per data-parallel rank: the same sequences for every layout with the
+        # same global batch (batch_size x dp), which is what resume and layout comparisons keep fixed
+        n = min(len(val), t.val_batches * t.batch_size * self.pc.dp_size)
         ids = list(range(self.pc.dp_rank, n, self.pc.dp_size))
         total = torch.zeros(2, dtype=torch.float64)
         starts = list(range(0, len(ids), t.batch_size))
