@@ -6,7 +6,7 @@ import pytest
 
 from lctrain.config import recipe_from_dict
 from lctrain.data.corpus import builtin_documents, is_validation
-from lctrain.data.dataset import DataOrder, PackedSequences, prepare_data
+from lctrain.data.dataset import DataOrder, prepare_data
 from lctrain.data.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
 

@@ -21,14 +21,6 @@ from lctrain.schema import ConfigError
 V = 61
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread (several threads only spin on 2 shared cores); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # Small options for every mixer / ffn we know; a mixer registered later without an entry is built with
 # its defaults at d_model 32 (and this test then tells its author whether chunked inference is exact).
 TINY_MIXERS = {

@@ -22,13 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one torch thread (several threads only spin on 2 shared cores); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 SEQ_LEN = 256       # training sequences (passkey documents are packed into them, state reset at each)
 PK_LEN = 64         # passkey training documents: prompt + answer (7 tokens) <= PK_LEN tokens
 PROMPT_LEN = PK_LEN - 7   # the longest passkey prompt seen in training: "the training length" of the task

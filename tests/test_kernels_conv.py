@@ -8,15 +8,6 @@ import torch.nn.functional as F
 from lctrain.kernels import causal_conv1d, causal_conv1d_step, taylor_feature_map
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small ops on a shared 2-core machine: a second torch thread only adds contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def conv_reference(x, weight, bias, history):
     """One sequence, explicit sum: x [T, D], history [W-1, D] (the inputs before x)."""
     W = weight.shape[1]

@@ -13,15 +13,6 @@ GATES = ["none", "head", "key"]
 F64 = dict(rtol=1e-9, atol=1e-9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small ops on a shared 2-core machine: a second torch thread only adds contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("with_state", [False, True])
 def test_chunk_matches_recurrent(gate, with_state):

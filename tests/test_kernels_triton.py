@@ -11,15 +11,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=2e-4, atol=2e-4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the interpreter is numpy-bound; extra torch threads only contend on a shared CPU
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def check(B, T, H, K, V, gate, *, decay=1.0, with_state=True, cu=None):
     """triton (fp32) vs recurrent (fp64, cast back), cotangents on o and on the final state."""
     n = (len(cu) - 1 if cu is not None else B) if with_state else None

@@ -20,15 +20,6 @@ from lctrain.models.sparse_attention import SparseAttentionConfig, SparseGlobalA
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny shapes on a shared machine: intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL = {
     "vocab_size": 64, "d_model": 32,
     "mixers": {"sparse_attention": {"n_heads": 4, "n_kv_heads": 2, "window": 6, "block_size": 4, "top_k": 2,

@@ -10,14 +10,6 @@ from lctrain.models import LanguageModel, SeqContext, build_config
 from lctrain.models.moe import MoE, MoEConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Lm:
     ffn_mult, init_std, n_layers = 8 / 3, 0.02, 2
 

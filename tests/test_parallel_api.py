@@ -3,7 +3,6 @@ groups, reductions, timeouts; and the worker harness itself (a failing or hung w
 test instead of hanging it)."""
 from __future__ import annotations
 
-import os
 import time
 
 import pytest

@@ -243,7 +243,6 @@ def _bytes_worker(rank, world, sp):
     from lctrain.parallel import costs
     pc = _setup(sp)
     B, L = 2, T // sp
-    sh = pc.shard_sequence
     got, want = {}, {}
 
     def step(name, key, fn, expected):

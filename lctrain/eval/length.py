@@ -33,7 +33,7 @@ from lctrain.config import LengthEvalConfig, Recipe
 from lctrain.data.corpus import is_validation, iter_documents
 from lctrain.eval.inference import (STAT_NAMES, bucket_index, current_rss_bytes, head_stats, layer_states,
                                     log_edges, peak_rss_bytes, recurrent_layers, stream)
-from lctrain.eval.mitigations import Mitigation, parse_mitigation
+from lctrain.eval.mitigations import parse_mitigation
 from lctrain.models import LanguageModel
 
 SEPARATOR = "\n\n"

@@ -105,8 +105,6 @@ def _intra_dqk_kernel(q, k, b, dA, dq, dk, chunk_start, chunk_len, H: tl.constex
     ti = t0 + i_i * BC
     ni = n - i_i * BC                                    # valid rows from this block on
     mi = ri < ni
-    qi = _rows(q, ti, ni, i_k * BK, H, K, i_h, BC, BK).to(tl.float32)
-    ki = _rows(k, ti, ni, i_k * BK, H, K, i_h, BC, BK).to(tl.float32)
     bi = _rows(b, ti, ni, i_k * BK, H, K, i_h, BC, BK)
     p_dA = dA + ((ti + ri) * H + i_h) * BT                 # [BC]: row starts of dA for block I
     dqi = tl.zeros([BC, BK], dtype=tl.float32)

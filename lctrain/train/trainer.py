@@ -42,7 +42,7 @@ from lctrain.train import checkpoint as ckpt
 from lctrain.train.launch import validate_layout
 from lctrain.train.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
 from lctrain.train.optim import lr_at
-from lctrain.train.zero import FullState, autocast_for, build_engine, read_full_state  # noqa: F401
+from lctrain.train.zero import autocast_for, build_engine, read_full_state
 
 
 class TrainingError(RuntimeError):
@@ -363,7 +363,7 @@ class Trainer:
                          f"(their records moved to metrics.rolled_back.jsonl)")
         metrics = MetricsLogger(self.run_dir, r, self.pc.is_main, t.steps, state.step)
         peak = device_peak_flops(self.device)
-        mb, L, dp = t.batch_size, t.seq_len, self.pc.dp_size
+        mb, dp = t.batch_size, self.pc.dp_size
         last_val = None
         t_last, tok_last = time.perf_counter(), state.tokens
         saved_at = state.step if source else -1
