@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lctrain import kernels
-from lctrain.models.base import Mixer, register_mixer
+from lctrain.models.base import Mixer, register_mixer, require_head_split
 from lctrain.models.layers import apply_rope, rope_tables
 from lctrain.schema import require
 
@@ -33,31 +33,47 @@ class AttentionConfig:
         require(self.window is None or self.window >= 1, f"{path}.window", f"must be >= 1, got {self.window}")
 
     def check_model(self, lm, path):
-        require(self.head_dim > 0 or lm.d_model % self.n_heads == 0, f"{path}.n_heads",
-                f"must divide d_model={lm.d_model} (or set head_dim)")
+        require_head_split(self, lm, path)
 
 
-@register_mixer
-class Attention(Mixer):
-    name, letter, Config = "attention", "A", AttentionConfig
+class QKVMixer(Mixer):
+    """Heads, the fused q/k/v projection, RoPE and the output projection of softmax-attention mixers
+    (full, sliding window, sparse global). `config` is an AttentionConfig (or a subclass)."""
 
     def __init__(self, d_model, config: AttentionConfig, layer_idx, lm):
         super().__init__(d_model, config, layer_idx, lm)
         self.n_heads = config.n_heads
         self.n_kv = config.n_kv_heads or config.n_heads
         self.head_dim = config.head_dim or d_model // config.n_heads
-        self.window = config.window
         self.qkv_proj = nn.Linear(d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
         self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
 
-    def forward(self, x: Tensor, ctx, cache: Optional[dict] = None) -> Tensor:
+    def project(self, x: Tensor):
+        """q [B,T,H,hd], k and v [B,T,H_kv,hd], before RoPE."""
         B, T, _ = x.shape
         hd = self.head_dim
         q, k, v = self.qkv_proj(x).split([self.n_heads * hd, self.n_kv * hd, self.n_kv * hd], dim=-1)
-        q, k, v = q.view(B, T, self.n_heads, hd), k.view(B, T, self.n_kv, hd), v.view(B, T, self.n_kv, hd)
-        pos = torch.arange(T, device=x.device) + ctx.position_offset
-        cos, sin = rope_tables(pos, hd, self.config.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.view(B, T, self.n_heads, hd), k.view(B, T, self.n_kv, hd), v.view(B, T, self.n_kv, hd)
+
+    def rotate(self, q: Tensor, k: Tensor, position_offset: int):
+        """RoPE at global positions position_offset + [0, T)."""
+        pos = torch.arange(q.shape[1], device=q.device) + position_offset
+        cos, sin = rope_tables(pos, self.head_dim, self.config.rope_base)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+@register_mixer
+class Attention(QKVMixer):
+    name, letter, Config = "attention", "A", AttentionConfig
+
+    def __init__(self, d_model, config: AttentionConfig, layer_idx, lm):
+        super().__init__(d_model, config, layer_idx, lm)
+        self.window = config.window
+
+    def forward(self, x: Tensor, ctx, cache: Optional[dict] = None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
+        q, k = self.rotate(q, k, ctx.position_offset)
         if cache is None:
             o = ctx.ops.attention(q, k, v, doc_start=ctx.doc_start, window=self.window)
         else:

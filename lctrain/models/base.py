@@ -80,6 +80,12 @@ class Mixer(nn.Module):
         return 0
 
 
+def require_head_split(cfg, lm: "LMConfig", path: str):
+    """Heads of `cfg.n_heads` split d_model evenly unless `cfg.head_dim` sets their size."""
+    require(cfg.head_dim > 0 or lm.d_model % cfg.n_heads == 0, f"{path}.n_heads",
+            f"must divide d_model={lm.d_model} (or set head_dim)")
+
+
 MIXERS: dict[str, type[Mixer]] = {}          # pattern letter -> mixer class
 FFNS: dict[str, Callable] = {}               # ffn pattern letter -> builder(d_model, lm_cfg, layer_idx)
 FFN_CONFIGS: dict[str, type] = {}            # ffn name -> options dataclass (e.g. "moe")

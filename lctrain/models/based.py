@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lctrain import kernels
-from lctrain.models.base import Mixer, register_mixer
+from lctrain.models.base import Mixer, register_mixer, require_head_split
 from lctrain.models.recurrent import causal_conv, chunked_flops, init_conv_, linear_attention
 from lctrain.schema import require
 
@@ -38,8 +38,7 @@ class BasedConfig:
         require(self.head_dim >= 0, f"{path}.head_dim", f"must be >= 0, got {self.head_dim}")
 
     def check_model(self, lm, path):
-        require(self.head_dim > 0 or lm.d_model % self.n_heads == 0, f"{path}.n_heads",
-                f"must divide d_model={lm.d_model} (or set head_dim)")
+        require_head_split(self, lm, path)
 
 
 @register_mixer

@@ -39,40 +39,28 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lctrain.models.base import Mixer, register_mixer
+from lctrain.models.attention import AttentionConfig, QKVMixer
+from lctrain.models.base import register_mixer
 from lctrain.models.hydra import doc_layout, runs, sequence_frame
-from lctrain.models.layers import apply_rope, rope_tables
 from lctrain.models.recurrent import check_cache_docs
 from lctrain.schema import require
 
 
 @dataclass
-class SparseAttentionConfig:
-    n_heads: int = 4
-    n_kv_heads: int = 0            # 0: same as n_heads (no GQA)
-    head_dim: int = 0              # 0: d_model // n_heads
-    rope_base: float = 10000.0
+class SparseAttentionConfig(AttentionConfig):
     window: int = 256              # local window W (query i sees i - W < j <= i)
     block_size: int = 64           # L: tokens per selectable block
     top_k: int = 8                 # blocks selected per query (per KV head)
     query_chunk: int = 64          # queries processed together (memory only; results do not depend on it)
 
     def validate(self, path):
-        require(self.n_heads > 0, f"{path}.n_heads", f"must be positive, got {self.n_heads}")
-        kv = self.n_kv_heads or self.n_heads
-        require(kv > 0 and self.n_heads % kv == 0, f"{path}.n_kv_heads",
-                f"must divide n_heads={self.n_heads}, got {self.n_kv_heads}")
-        require(self.window >= 1, f"{path}.window", f"must be >= 1, got {self.window}")
+        super().validate(path)
         require(self.block_size >= 1, f"{path}.block_size", f"must be >= 1, got {self.block_size}")
         require(self.top_k >= 0, f"{path}.top_k", f"must be >= 0, got {self.top_k}")
         require(self.query_chunk >= 1, f"{path}.query_chunk", f"must be >= 1, got {self.query_chunk}")
-
-    def check_model(self, lm, path):
-        require(self.head_dim > 0 or lm.d_model % self.n_heads == 0, f"{path}.n_heads",
-                f"must divide d_model={lm.d_model} (or set head_dim)")
 
 
 # A query chunk whose queries chose at most UNION_FACTOR * top_k distinct blocks scores all of them
@@ -180,25 +168,15 @@ def _query_chunk(q, q_sel, kh, vh, seg, kb, vb, summ, bstart, bseg, bvalid, q_st
 
 
 @register_mixer
-class SparseGlobalAttention(Mixer):
+class SparseGlobalAttention(QKVMixer):
     name, letter, Config = "sparse_attention", "X", SparseAttentionConfig
-
-    def __init__(self, d_model, config: SparseAttentionConfig, layer_idx, lm):
-        super().__init__(d_model, config, layer_idx, lm)
-        self.n_heads = config.n_heads
-        self.n_kv = config.n_kv_heads or config.n_heads
-        self.head_dim = config.head_dim or d_model // config.n_heads
-        self.qkv_proj = nn.Linear(d_model, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
-        self.out_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
 
     def forward(self, x: Tensor, ctx, cache: Optional[dict] = None) -> Tensor:
         B, T, _ = x.shape
         c, hd, H, Hkv = self.config, self.head_dim, self.n_heads, self.n_kv
         L = c.block_size
-        q, k, v = self.qkv_proj(x).split([H * hd, Hkv * hd, Hkv * hd], dim=-1)
-        q, k, v = q.view(B, T, H, hd), k.view(B, T, Hkv, hd), v.view(B, T, Hkv, hd)
-        cos, sin = rope_tables(torch.arange(T, device=x.device) + ctx.position_offset, hd, c.rope_base)
-        qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x)
+        qr, kr = self.rotate(q, k, ctx.position_offset)
         q_sel = q.view(B, T, Hkv, H // Hkv, hd).sum(3)
         if cache is None:
             # one gather (under SP) of [rotated k, v, pre-RoPE k]; the last part only feeds the selection
