@@ -32,14 +32,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_tokenizer_train(args) -> int:
-    from lctrain.data.dataset import ensure_tokenizer, tokenizer_path
+    from lctrain.data.dataset import ensure_tokenizer, tokenizer_path, tokenizer_training_texts
     recipe = _load(args)
     if args.out:
-        recipe.tokenizer.path = None
-        from lctrain.data.corpus import is_validation, iter_documents
         from lctrain.data.tokenizer import train_tokenizer
-        texts = (t for d, t in iter_documents(recipe.data) if not is_validation(d, recipe.data.val_fraction))
-        tok = train_tokenizer(texts, args.out, recipe.tokenizer.vocab_size, recipe.tokenizer.train_bytes)
+        tok = train_tokenizer(tokenizer_training_texts(recipe), args.out, recipe.tokenizer.vocab_size,
+                              recipe.tokenizer.train_bytes)
     else:
         if recipe.tokenizer.path:
             print(f"recipe uses an existing tokenizer: {tokenizer_path(recipe)}")

@@ -59,15 +59,20 @@ def tokenizer_path(recipe: Recipe) -> str:
     return os.path.join(cache_root(recipe.data), "tokenizers", name)
 
 
+def tokenizer_training_texts(recipe: Recipe) -> Iterator[str]:
+    """What the recipe's tokenizer is trained on: extra sources' text, then the training documents."""
+    return itertools.chain(_tokenizer_extras(recipe),
+                           (text for doc_id, text in iter_documents(recipe.data)
+                            if not is_validation(doc_id, recipe.data.val_fraction)))
+
+
 def ensure_tokenizer(recipe: Recipe, log: Callable[[str], None] = print) -> Tokenizer:
     path = tokenizer_path(recipe)
     if os.path.isfile(path):
         return Tokenizer(path)
     log(f"training a {recipe.tokenizer.vocab_size}-piece BPE tokenizer on the data -> {path}")
-    texts = itertools.chain(_tokenizer_extras(recipe),
-                            (text for doc_id, text in iter_documents(recipe.data)
-                             if not is_validation(doc_id, recipe.data.val_fraction)))
-    return train_tokenizer(texts, path, recipe.tokenizer.vocab_size, recipe.tokenizer.train_bytes)
+    return train_tokenizer(tokenizer_training_texts(recipe), path, recipe.tokenizer.vocab_size,
+                           recipe.tokenizer.train_bytes)
 
 
 def _file_sha(path: str) -> str:
