@@ -39,6 +39,16 @@ def _row_first_last_docs(cu: Tensor, batch: int, seqlen: int):
     return first, last
 
 
+def _starts_inside(doc_start: Optional[Tensor]) -> bool:
+    """Does a document start anywhere but at a row's first token? (Otherwise rows are the sequences.)"""
+    return doc_start is not None and bool(doc_start[:, 1:].any())
+
+
+def _flat(t: Optional[Tensor], B: int, T: int) -> Optional[Tensor]:
+    """[B, T, ...] -> one packed row [1, B*T, ...]."""
+    return None if t is None else t.reshape(1, B * T, *t.shape[2:])
+
+
 class LocalOps:
     """Single-process sequence ops: the reference every parallel layout must reproduce."""
 
@@ -65,17 +75,17 @@ class LocalOps:
         initial_state / final_state are per batch row: `[B, H, K, V]` (the row's first / last document).
         """
         B, T = q.shape[:2]
-        if doc_start is None or B == 1 and not bool(doc_start[:, 1:].any()):
+        if not _starts_inside(doc_start):
             return kernels.gated_linear_attention(q, k, v, g, scale=scale, initial_state=initial_state,
                                                   output_final_state=output_final_state)
         cu = doc_cu_seqlens(doc_start, B, T, q.device)
         first, last = _row_first_last_docs(cu, B, T)
-        flat = lambda t: None if t is None else t.reshape(1, B * T, *t.shape[2:])
         init = None
         if initial_state is not None:
             init = initial_state.new_zeros(cu.numel() - 1, *initial_state.shape[1:])
             init = init.index_copy(0, first, initial_state)
-        o, final = kernels.gated_linear_attention(flat(q), flat(k), flat(v), flat(g), scale=scale,
+        o, final = kernels.gated_linear_attention(_flat(q, B, T), _flat(k, B, T), _flat(v, B, T), _flat(g, B, T),
+                                                  scale=scale,
                                                   initial_state=init, cu_seqlens=cu,
                                                   output_final_state=output_final_state)
         o = o.reshape(B, T, *o.shape[2:])
@@ -86,11 +96,11 @@ class LocalOps:
                   window: Optional[int] = None) -> Tensor:
         """Causal softmax attention over [B, T, H, D] (GQA aware), masked at document starts."""
         B, T = q.shape[:2]
-        if doc_start is None or not bool(doc_start[:, 1:].any()):
+        if not _starts_inside(doc_start):
             return kernels.attention(q, k, v, causal=True, window=window)
         cu = doc_cu_seqlens(doc_start, B, T, q.device)
-        flat = lambda t: t.reshape(1, B * T, *t.shape[2:])
-        o = kernels.attention(flat(q), flat(k), flat(v), causal=True, window=window, cu_seqlens=cu)
+        o = kernels.attention(_flat(q, B, T), _flat(k, B, T), _flat(v, B, T), causal=True, window=window,
+                              cu_seqlens=cu)
         return o.reshape(B, T, *o.shape[2:])
 
     # --- depthwise causal convolution -----------------------------------------------------------
@@ -98,11 +108,11 @@ class LocalOps:
                     doc_start: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
         """Depthwise causal conv over [B, T, D] with zero history at every document start."""
         B, T = x.shape[:2]
-        if doc_start is None or not bool(doc_start[:, 1:].any()):
+        if not _starts_inside(doc_start):
             y, _ = kernels.causal_conv1d(x, weight, bias)
         else:
             cu = doc_cu_seqlens(doc_start, B, T, x.device)
-            y, _ = kernels.causal_conv1d(x.reshape(1, B * T, -1), weight, bias, cu_seqlens=cu)
+            y, _ = kernels.causal_conv1d(_flat(x, B, T), weight, bias, cu_seqlens=cu)
             y = y.reshape(B, T, -1)
         if activation == "silu":
             y = torch.nn.functional.silu(y)
