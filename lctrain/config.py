@@ -46,16 +46,25 @@ class PasskeyDataConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["builtin", "jsonl", "parquet", "text"] = "builtin"   # builtin = Python stdlib sources
-    paths: list[str] = field(default_factory=list)   # files or globs (jsonl / parquet / text)
+    source: Literal["builtin", "jsonl", "parquet", "text", "megatron"] = "builtin"   # builtin = Python stdlib sources
+    paths: list[str] = field(default_factory=list)   # files or globs (jsonl / parquet / text); megatron: path
+                                      # prefixes of .bin/.idx pairs (Megatron-LM indexed datasets)
+    weights: Optional[list[float]] = None   # megatron: blend weights, one per prefix (fraction of sequences)
     text_field: str = "text"          # jsonl / parquet column holding the document text
     streaming: bool = False           # stream large datasets instead of loading them at once
     val_fraction: float = 0.01        # documents held out for validation (stable hash of the doc id)
     max_bytes: Optional[int] = None   # cap on the corpus size read (quick runs and tests)
     cache_dir: Optional[str] = None   # tokenizer / token cache; default ~/.cache/lctrain
     passkey: PasskeyDataConfig = field(default_factory=PasskeyDataConfig)   # synthetic passkey docs mixed in
+    num_workers: int = 0              # tokenization processes; 0: one per CPU core, at most 8 (same cache either way)
 
     def validate(self, path):
+        require(self.num_workers >= 0, f"{path}.num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.source == "megatron":
+            from lctrain.data.megatron import validate_megatron_paths
+            validate_megatron_paths(self, path)
+            return
+        require(self.weights is None, f"{path}.weights", "blend weights are for source 'megatron' only")
         require(0.0 <= self.val_fraction < 1.0, f"{path}.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         require(self.max_bytes is None or self.max_bytes > 0, f"{path}.max_bytes", "must be positive")
         if self.source == "builtin":
@@ -84,6 +93,8 @@ class TrainConfig:
     val_batches: int = 4
     max_nonfinite_steps: int = 5      # stop after this many non-finite losses in a row (each is skipped)
     num_threads: int = 0              # torch CPU threads; 0 = torch default
+    init_from: Optional[str] = None   # continued pretraining: start from these weights (lctrain import dir,
+                                      # lctrain export .safetensors, run or checkpoint dir), fresh optimizer
 
     def validate(self, path):
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "val_batches", "max_nonfinite_steps"):
@@ -93,6 +104,8 @@ class TrainConfig:
         require(self.max_grad_norm >= 0, f"{path}.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         require(self.aux_loss_weight >= 0, f"{path}.aux_loss_weight", f"must be >= 0, got {self.aux_loss_weight}")
         require(self.num_threads >= 0, f"{path}.num_threads", f"must be >= 0, got {self.num_threads}")
+        if self.init_from is not None and not os.path.exists(os.path.expanduser(self.init_from)):
+            fail(f"{path}.init_from", f"no such model file or directory: {self.init_from}")
 
 
 @dataclass
@@ -211,7 +224,12 @@ class Recipe:
 
     def validate(self, path=""):
         from lctrain.models import build_config
+        if self.train.init_from and not self.model:      # continued pretraining: the source's architecture
+            from lctrain.interop.init import source_model_config
+            self.model = source_model_config(self.train.init_from)
         self.model = build_config(self.model if self.model is not None else {}, "model")
+        require(self.data.source != "megatron" or self.tokenizer.path is not None, "tokenizer.path",
+                "source 'megatron' holds token ids: give the sentencepiece .model that produced them")
         require(self.train.seq_len % self.parallel.sp == 0, "train.seq_len",
                 f"{self.train.seq_len} must be divisible by parallel.sp={self.parallel.sp}")
         if self.run_dir is None:

@@ -1,18 +1,27 @@
 """Document sources: the built-in corpus (the interpreter's standard-library sources) and local
 jsonl / parquet / text files through `datasets`. A document is `(doc_id, text)`; the validation split
 is a stable hash of the doc id, so it never changes with the order, the machine or the seed.
+
+Bad data is refused with one line naming the file and what is wrong with it (`DataError`): an empty
+file, a file whose documents are all empty, a text field that is not a string, bytes that are not
+UTF-8. (`data.source: megatron` holds token ids, not text: see lctrain/data/megatron.py.)
 """
 from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import sys
 import sysconfig
-from typing import Iterator
+from typing import Iterator, Optional
 
 from lctrain.config import DataConfig
 from lctrain.schema import ConfigError
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and the problem."""
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idlelib", "turtledemo"}
 
@@ -47,31 +56,72 @@ def _expand(paths: list[str]) -> list[str]:
 
 
 def file_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
-    """Documents from local files through `datasets` (streamed when `data.streaming`)."""
-    files = _expand(cfg.paths)
-    if cfg.source == "text":
-        # one document per file: a text file is a document, not a list of lines
-        for path in files:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield path, f.read()
-        return
+    """Documents from local files through `datasets` (streamed when `data.streaming`), file by file in
+    the sorted order of `data.paths` (doc ids count rows across all files). Raises DataError."""
+    counter = itertools.count()
+    for path in _expand(cfg.paths):
+        if os.path.getsize(path) == 0:
+            raise DataError(f"data: {path}: the file is empty")
+        if cfg.source == "text":      # one document per file: a text file is a document, not a list of lines
+            with open(path, "rb") as f:
+                text = _utf8(f.read(), path)
+            if not text.strip():
+                raise DataError(f"data: {path}: the file holds only whitespace")
+            yield path, text
+        else:
+            yield from _table_documents(cfg, path, counter)
+
+
+def _utf8(raw: bytes, path: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data: {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
+def _table_documents(cfg: DataConfig, path: str, counter) -> Iterator[tuple[str, str]]:
     import datasets
     datasets.disable_progress_bars()
     builder = {"jsonl": "json", "parquet": "parquet"}[cfg.source]
+
+    def unreadable(e: Exception) -> DataError:
+        if isinstance(e, UnicodeDecodeError) or "utf-8" in str(e).lower():
+            return DataError(f"data: {path}: not UTF-8 text ({str(e).splitlines()[0]})")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return DataError(f"data: {path}: cannot read it as {cfg.source} ({first})")
+
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming)
+        ds = datasets.load_dataset(builder, data_files=[path], split="train", streaming=cfg.streaming)
+        rows = iter(ds)
     except Exception as e:  # datasets raises many types for unreadable files
-        raise ConfigError("data.paths", f"cannot read {cfg.source} files: {str(e).splitlines()[0]}") from None
-    for i, row in enumerate(ds):
+        raise unreadable(e) from None
+    n_rows = n_docs = 0
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except Exception as e:  # streaming reads (and fails) lazily
+            raise unreadable(e) from None
+        i = next(counter)
+        n_rows += 1
         if cfg.text_field not in row:
-            raise ConfigError("data.text_field", f"{cfg.text_field!r} is not a column; columns: {', '.join(row)}")
+            raise ConfigError("data.text_field", f"{cfg.text_field!r} is not a column of {path}; columns: {', '.join(row)}")
         text = row[cfg.text_field]
-        if isinstance(text, str) and text:
+        if not isinstance(text, str):
+            raise DataError(f"data: {path}: row {n_rows}: field {cfg.text_field!r} holds "
+                            f"{type(text).__name__} ({str(text)[:40]!r}), not a string")
+        if text:
+            n_docs += 1
             yield f"{i}", text
+    if n_docs == 0:
+        raise DataError(f"data: {path}: no documents: all {n_rows} rows have an empty {cfg.text_field!r} field")
 
 
 def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
     """Documents of the configured source, stopping once `data.max_bytes` of text has been read."""
+    if cfg.source == "megatron":
+        raise DataError("data: source 'megatron' holds token ids, not text (pass text files, e.g. eval length --text)")
     source = builtin_documents() if cfg.source == "builtin" else file_documents(cfg)
     total = 0
     for doc_id, text in source:
@@ -79,6 +129,20 @@ def iter_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
             return
         total += len(text.encode("utf-8"))
         yield doc_id, text
+
+
+def corpus_bytes(cfg: DataConfig) -> Optional[int]:
+    """Approximate text bytes the source holds (file sizes, capped by data.max_bytes): for progress ETAs."""
+    if cfg.source == "builtin":
+        total = 0
+        for dirpath, dirnames, filenames in os.walk(builtin_root()):
+            dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
+            total += sum(os.path.getsize(os.path.join(dirpath, n)) for n in filenames if n.endswith(".py"))
+    elif cfg.source in ("jsonl", "parquet", "text"):
+        total = sum(os.path.getsize(f) for f in _expand(cfg.paths))
+    else:
+        return None
+    return min(total, cfg.max_bytes) if cfg.max_bytes is not None else total
 
 
 def is_validation(doc_id: str, fraction: float) -> bool:

@@ -1,11 +1,13 @@
 """Tokenized, packed training data with document boundaries and a resumable, seeded order.
 
 1. `prepare_data` resolves the tokenizer (the recipe's file, or one trained on the data and cached),
-   then tokenizes every document once into a token cache: `train.bin` / `val.bin` (one flat stream,
-   each document followed by the end-of-document token), written atomically.
+   then tokenizes every document once (`data.num_workers` processes, same bytes for any count) into a
+   token cache: the Megatron indexed datasets `train` / `val` (`.bin` + `.idx`, written by
+   megatron-core, readable by Megatron-LM; each document followed by the end-of-document token),
+   written atomically. `data.source: megatron` reads existing indexed datasets in place instead.
 2. `PackedSequences` cuts a stream into fixed-length sequences `stream[i*L : i*L + L + 1]` (inputs and
-   next-token labels) and marks `doc_start[t]` where the previous stream token is the end-of-document
-   token, so mixers reset their state exactly at document starts (also across sequence shards).
+   next-token labels) and marks `doc_start[t]` where a document of the index starts, so mixers reset
+   their state exactly at document starts (also across sequence shards).
 3. `DataOrder` maps a global sequence position (how many sequences were consumed so far: the data
    position a checkpoint saves) to a sequence index, via one seeded permutation per epoch.
 """
@@ -91,49 +93,157 @@ def token_cache_dir(recipe: Recipe, tok: Tokenizer) -> str:
     mixing = recipe.data.passkey.docs > 0
     extras = ",".join(sorted(n for n in EXTRA_SOURCES if n != "passkey" or mixing))
     mix = to_dict(recipe.data.passkey) if mixing else {}   # the options the extra sources read
-    key = hashlib.sha1(f"{corpus_fingerprint(recipe.data)}|{_file_sha(tok.path)}|{extras}|"
+    key = hashlib.sha1(f"{CACHE_VERSION}|{corpus_fingerprint(recipe.data)}|{_file_sha(tok.path)}|{extras}|"
                        f"{json.dumps(mix, sort_keys=True, default=str)}".encode()).hexdigest()[:16]
     return os.path.join(cache_root(recipe.data), "tokens", key)
 
 
-def build_token_cache(recipe: Recipe, tok: Tokenizer, log: Callable[[str], None] = print) -> str:
-    """Tokenize all documents into train.bin / val.bin (atomic: built in a temp dir, then renamed)."""
+# Bump when the cache's layout changes: it is part of the cache key, so an old cache is never misread.
+CACHE_VERSION = "megatron-indexed-1"
+SPLITS = ("train", "val")
+
+
+def num_workers(cfg: DataConfig) -> int:
+    return cfg.num_workers or max(1, min(8, os.cpu_count() or 1))
+
+
+_WORKER_TOK: Optional[Tokenizer] = None
+
+
+def _worker_init(path: str):
+    global _WORKER_TOK
+    _WORKER_TOK = Tokenizer(path)
+
+
+def _encode(batch: list[tuple[str, str]], tok: Optional[Tokenizer] = None) -> list[np.ndarray]:
+    """Token ids of each document, end-of-document token appended (int32 arrays: cheap to pickle)."""
+    tok = tok or _WORKER_TOK
+    eod = tok.eod_id
+    return [np.asarray(ids + [eod], dtype=np.int32) for ids in tok.encode_batch([t for _, t in batch], threads=1)]
+
+
+def _batches(docs: Iterable[tuple[str, str]], max_docs: int = 64, max_chars: int = 1 << 20):
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc[1])
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def encoded_documents(docs: Iterable[tuple[str, str]], tok: Tokenizer, workers: int
+                      ) -> Iterator[tuple[list[tuple[str, str]], list[np.ndarray]]]:
+    """(batch of (doc_id, text), their token ids) in document order, tokenized by `workers` processes.
+
+    The order of the output never depends on `workers` (results are taken in submission order), so
+    anything written from it is byte-identical for any worker count. At most 4 batches per worker are
+    in flight (bounded memory on corpora larger than RAM)."""
+    if workers <= 1:
+        for batch in _batches(docs):
+            yield batch, _encode(batch, tok)
+        return
+    import collections
+    import multiprocessing as mp
+    # fork: workers inherit the loaded modules (spawn would re-import torch in each); they only run sentencepiece
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(tok.path,)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in _batches(docs):
+            pending.append((batch, pool.apply_async(_encode, (batch,))))
+            if len(pending) >= 4 * workers:
+                b, res = pending.popleft()
+                yield b, res.get()
+        while pending:
+            b, res = pending.popleft()
+            yield b, res.get()
+
+
+class _Progress:
+    """Tokenization progress: a bar (documents, tokens, tokens/s, ETA from text bytes) on a terminal, a
+    plain line every 30 s otherwise."""
+
+    def __init__(self, total_bytes: Optional[int], log: Callable[[str], None], enabled: bool):
+        import sys
+        import time
+        self.time, self.log, self.t0, self.last = time.perf_counter, log, time.perf_counter(), time.perf_counter()
+        self.docs = self.tokens = self.bytes = 0
+        self.total = total_bytes
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", leave=False,
+                            dynamic_ncols=True)
+
+    def update(self, docs: int, tokens: int, nbytes: int):
+        self.docs += docs
+        self.tokens += tokens
+        self.bytes += nbytes
+        now = self.time()
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(f"docs={self.docs:,} tokens={self.tokens:,} tok/s={rate:,.0f}", refresh=False)
+        elif now - self.last >= 30:
+            self.last = now
+            eta = ""
+            if self.total and self.bytes:
+                eta = f", ETA {max(0.0, (self.total - self.bytes) * (now - self.t0) / self.bytes):.0f}s"
+            self.log(f"tokenizing: {self.docs:,} docs, {self.tokens:,} tokens, {rate:,.0f} tok/s{eta}")
+
+    def close(self) -> float:
+        if self.bar is not None:
+            self.bar.close()
+        return self.time() - self.t0
+
+
+def build_token_cache(recipe: Recipe, tok: Tokenizer, log: Callable[[str], None] = print,
+                      workers: Optional[int] = None, progress: bool = True) -> str:
+    """Tokenize all documents into the Megatron indexed datasets `train` and `val` (`.bin` + `.idx`,
+    written by megatron-core's IndexedDatasetBuilder: one sequence and one document per source document,
+    end-of-document token appended) plus `meta.json`; atomic (built in a temp dir, then renamed).
+    Byte-identical for any number of tokenization workers (`data.num_workers`)."""
+    from lctrain.data.corpus import corpus_bytes
+    from lctrain.data.megatron import indexed_dataset_module
     out = token_cache_dir(recipe, tok)
     if os.path.isfile(os.path.join(out, "meta.json")):
         return out
-    log(f"tokenizing the corpus -> {out}")
+    workers = num_workers(recipe.data) if workers is None else workers
+    log(f"tokenizing the corpus with {workers} worker{'s' if workers > 1 else ''} -> {out}")
     tmp = f"{out}.tmp-{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
-    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
-    counts = {"train": [0, 0], "val": [0, 0]}     # tokens, documents
-    files = {s: open(os.path.join(tmp, f"{s}.bin"), "wb") for s in counts}
-    eod = tok.eod_id
+    idx = indexed_dataset_module()
+    dtype = idx.DType.optimal_dtype(tok.vocab_size)        # what Megatron's preprocess_data.py picks
+    counts = {s: [0, 0] for s in SPLITS}                    # tokens, documents
+    builders = {s: idx.IndexedDatasetBuilder(idx.get_bin_path(os.path.join(tmp, s)), dtype=dtype) for s in SPLITS}
+    prog = _Progress(corpus_bytes(recipe.data), log, progress and recipe.logging.progress != "off")
     try:
-        batch: list[tuple[str, str]] = []
-
-        def flush():
-            ids = tok.encode_batch([t for _, t in batch])
-            for (doc_id, _), toks in zip(batch, ids):
+        for batch, ids in encoded_documents(_documents(recipe), tok, workers):
+            for (doc_id, _), arr in zip(batch, ids):
                 split = "val" if is_validation(doc_id, recipe.data.val_fraction) else "train"
-                arr = np.asarray(toks + [eod], dtype=dtype)
-                files[split].write(arr.tobytes())
+                builders[split].add_document(arr, [arr.size])
                 counts[split][0] += arr.size
                 counts[split][1] += 1
-            batch.clear()
-
-        for doc in _documents(recipe):
-            batch.append(doc)
-            if len(batch) >= 64:
-                flush()
-        flush()
-    finally:
-        for f in files.values():
-            f.close()
+            prog.update(len(batch), sum(a.size for a in ids), sum(len(t.encode("utf-8")) for _, t in batch))
+        for s in SPLITS:
+            builders[s].finalize(idx.get_idx_path(os.path.join(tmp, s)))
+    except BaseException:
+        prog.close()
+        for b in builders.values():
+            b.data_file.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = prog.close()
     if counts["train"][0] < 2:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError("data: the corpus produced no training tokens (empty files or all held out)")
-    meta = {"dtype": np.dtype(dtype).name, "eod_id": eod, "vocab_size": tok.vocab_size,
-            "tokenizer": os.path.abspath(tok.path),
+    total = counts["train"][0] + counts["val"][0]
+    log(f"tokenized {counts['train'][1] + counts['val'][1]:,} documents, {total:,} tokens in {seconds:.1f}s "
+        f"({total / max(seconds, 1e-9):,.0f} tok/s)")
+    meta = {"format": "megatron-indexed", "cache_version": CACHE_VERSION, "dtype": np.dtype(dtype).name,
+            "eod_id": tok.eod_id, "vocab_size": tok.vocab_size, "tokenizer": os.path.abspath(tok.path),
             **{f"{s}_tokens": c[0] for s, c in counts.items()}, **{f"{s}_docs": c[1] for s, c in counts.items()}}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -145,32 +255,86 @@ def build_token_cache(recipe: Recipe, tok: Tokenizer, log: Callable[[str], None]
 
 
 class PackedSequences:
-    """Fixed-length training sequences over one token stream, with document-start flags."""
+    """Fixed-length training sequences over the token stream of one Megatron indexed dataset (or a
+    contiguous range of its documents), with document-start flags from the index.
 
-    def __init__(self, cache_dir: str, split: str, seq_len: int):
-        with open(os.path.join(cache_dir, "meta.json")) as f:
-            meta = json.load(f)
-        self.eod_id, self.seq_len = meta["eod_id"], seq_len
-        path = os.path.join(cache_dir, f"{split}.bin")
-        size = os.path.getsize(path) // np.dtype(meta["dtype"]).itemsize
-        self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r", shape=(size,)) if size else np.zeros(0, np.uint16)
-        self.n = max(0, (size - 1) // seq_len)
+    Sequence i is `stream[i*L : i*L + L + 1]` (inputs and next-token labels); `doc_start[t]` is True
+    where a document of the index starts (and at stream position 0). Tokens are read memory-mapped
+    through megatron-core's reader. Raises ValueError for token ids >= `vocab_size` (when given)."""
+
+    def __init__(self, prefix: str, seq_len: int, docs: Optional[tuple[int, int]] = None,
+                 vocab_size: Optional[int] = None):
+        from lctrain.data.megatron import open_indexed
+        self.prefix, self.seq_len, self.vocab_size = prefix, seq_len, vocab_size
+        if os.path.isfile(prefix + ".bin") and os.path.getsize(prefix + ".bin") == 0:   # no tokens: nothing to map
+            self.ds, self.doc_starts, self.n_docs, self.n, self.lo, self.hi = None, np.zeros(0, np.int64), 0, 0, 0, 0
+            return
+        self.ds = open_indexed(prefix)
+        self.dtype = self.ds.index.dtype
+        self.itemsize = np.dtype(self.dtype).itemsize
+        seq_starts = np.concatenate([[0], np.cumsum(self.ds.sequence_lengths, dtype=np.int64)])
+        doc_starts = seq_starts[np.asarray(self.ds.document_indices, dtype=np.int64)]
+        d0, d1 = docs if docs is not None else (0, len(doc_starts) - 1)
+        self.lo, self.hi = int(doc_starts[d0]), int(doc_starts[d1])
+        self.doc_starts = doc_starts[d0:d1] - self.lo          # document starts, relative to lo
+        self.n_docs = d1 - d0
+        self.n = max(0, (self.hi - self.lo - 1) // seq_len)
 
     def __len__(self) -> int:
         return self.n
 
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens [L+1] int64, doc_start [L] bool) of sequence i."""
+        L, lo = self.seq_len, int(i) * self.seq_len
+        window = np.asarray(self.ds.bin_reader.read(dtype=self.dtype, count=L + 1,
+                                                    offset=(self.lo + lo) * self.itemsize), dtype=np.int64)
+        if self.vocab_size is not None and window.size and int(window.max()) >= self.vocab_size:
+            raise ValueError(f"data: {self.prefix}.bin holds token id {int(window.max())} >= the vocabulary size "
+                             f"{self.vocab_size} (tokenized with another tokenizer?)")
+        pos = np.arange(lo, lo + L)
+        j = np.minimum(np.searchsorted(self.doc_starts, pos), max(len(self.doc_starts) - 1, 0))
+        starts = (self.doc_starts[j] == pos) if len(self.doc_starts) else np.zeros(L, bool)
+        return window, starts
+
     def batch(self, indices: Iterable[int]) -> dict[str, torch.Tensor]:
-        L = self.seq_len
-        rows, starts = [], []
-        for i in indices:
-            lo = int(i) * L
-            window = np.asarray(self.tokens[lo:lo + L + 1], dtype=np.int64)
-            prev = int(self.tokens[lo - 1]) if lo > 0 else self.eod_id
-            rows.append(window)
-            starts.append(np.concatenate([[prev], window[:L - 1]]) == self.eod_id)
-        seq = torch.from_numpy(np.stack(rows))
-        return {"input_ids": seq[:, :-1].contiguous(), "labels": seq[:, 1:].contiguous(),
-                "doc_start": torch.from_numpy(np.stack(starts))}
+        return _stack([self.row(i) for i in indices])
+
+
+def _stack(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    seq = torch.from_numpy(np.stack([r[0] for r in rows]))
+    return {"input_ids": seq[:, :-1].contiguous(), "labels": seq[:, 1:].contiguous(),
+            "doc_start": torch.from_numpy(np.stack([r[1] for r in rows]))}
+
+
+class BlendedSequences:
+    """Several PackedSequences as one indexable set. Without weights: their concatenation. With weights
+    w_k (normalised): part k contributes round(w_k * N) sequences of the N = sum of their sizes, its
+    sequence j % len(part) for its j-th slot (a part is repeated or cut to reach its share), as
+    Megatron's BlendedDataset makes the fraction of samples from each dataset follow the weights."""
+
+    def __init__(self, parts: list[PackedSequences], weights: Optional[list[float]] = None):
+        self.parts = parts
+        sizes = [len(p) for p in parts]
+        if weights is None:
+            counts = sizes
+        else:
+            total, wsum = sum(sizes), float(sum(weights))
+            counts = [int(round(w / wsum * total)) for w in weights]
+            for p, c in zip(parts, counts):
+                if c and not len(p):
+                    raise ValueError(f"data: {p.prefix} has no complete sequence of seq_len + 1 tokens to blend in")
+        self.offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def row(self, i: int):
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        part = self.parts[k]
+        return part.row((int(i) - int(self.offsets[k])) % len(part))
+
+    def batch(self, indices: Iterable[int]) -> dict[str, torch.Tensor]:
+        return _stack([self.row(i) for i in indices])
 
 
 @dataclass
@@ -197,21 +361,41 @@ class DataOrder:
 @dataclass
 class PreparedData:
     tokenizer: Tokenizer
-    cache_dir: str
-    train: PackedSequences
-    val: Optional[PackedSequences]
+    cache_dir: Optional[str]           # the token cache (None for data.source megatron: read in place)
+    train: "PackedSequences | BlendedSequences"
+    val: "Optional[PackedSequences | BlendedSequences]"
 
 
 def prepare_data(recipe: Recipe, log: Callable[[str], None] = print) -> PreparedData:
+    if recipe.data.source == "megatron":
+        return open_megatron(recipe, Tokenizer(os.path.expanduser(recipe.tokenizer.path)))
     tok = ensure_tokenizer(recipe, log)
     cache = build_token_cache(recipe, tok, log)
     return open_data(recipe, tok, cache)
 
 
 def open_data(recipe: Recipe, tok: Tokenizer, cache: str) -> PreparedData:
-    train = PackedSequences(cache, "train", recipe.train.seq_len)
-    val = PackedSequences(cache, "val", recipe.train.seq_len)
+    train = PackedSequences(os.path.join(cache, "train"), recipe.train.seq_len)
+    val = PackedSequences(os.path.join(cache, "val"), recipe.train.seq_len)
     return PreparedData(tok, cache, train, val if len(val) > 0 else None)
+
+
+def open_megatron(recipe: Recipe, tok: Tokenizer) -> PreparedData:
+    """Train/validation sequences over the recipe's Megatron indexed datasets (lctrain/data/megatron.py):
+    the last `val_fraction` of each prefix's documents is validation, the rest training, blended by
+    `data.weights`."""
+    cfg, L = recipe.data, recipe.train.seq_len
+    vocab = max(tok.vocab_size, recipe.model.vocab_size or 0)
+    train, val = [], []
+    for p in cfg.paths:
+        prefix = os.path.expanduser(p)
+        n_docs = len(PackedSequences(prefix, L).doc_starts)
+        n_val = int(n_docs * cfg.val_fraction)
+        train.append(PackedSequences(prefix, L, (0, n_docs - n_val), vocab))
+        if n_val:
+            val.append(PackedSequences(prefix, L, (n_docs - n_val, n_docs), vocab))
+    val_set = BlendedSequences([v for v in val if len(v)]) if any(len(v) for v in val) else None
+    return PreparedData(tok, None, BlendedSequences(train, cfg.weights), val_set)
 
 
 def _register_extra_sources():

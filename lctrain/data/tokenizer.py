@@ -41,8 +41,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
+    def encode_batch(self, texts: list[str], threads: int = 0) -> list[list[int]]:
+        """Ids of each text; `threads` sentencepiece threads (0: its default, all cores)."""
+        return self.sp.encode(texts, num_threads=threads or -1)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -62,16 +63,28 @@ def _sentences(texts: Iterable[str], budget: int, piece: int = 4000) -> Iterator
 def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, train_bytes: int) -> Tokenizer:
     """Train a BPE model on up to `train_bytes` characters of `texts`; written atomically to out_path."""
     buf = io.BytesIO()
+    errors: list[BaseException] = []
+
+    def guarded():       # an error of the data source (lctrain.data.corpus.DataError) is the cause to report
+        try:
+            yield from _sentences(texts, train_bytes)
+        except Exception as e:
+            errors.append(e)
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(texts, train_bytes), model_writer=buf, vocab_size=vocab_size,
+            sentence_iterator=guarded(), model_writer=buf, vocab_size=vocab_size,
             model_type="bpe", normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
             max_sentence_length=16384, unk_id=0, bos_id=-1, eos_id=EOD_PIECE_ID, pad_id=-1,
             user_defined_symbols=["\n"], num_threads=min(8, os.cpu_count() or 1), minloglevel=2)
     except RuntimeError as e:
+        if errors:
+            raise errors[0] from None
         msg = str(e).splitlines()[-1] if str(e) else "training failed"
         raise TokenizerError(f"tokenizer.vocab_size: cannot train a {vocab_size}-piece BPE on this data ({msg})") from None
+    if errors:
+        raise errors[0]
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = f"{out_path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
