@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Subcommands of other packages (eval, export) that register themselves here."""
     regs = []
-    for mod in ("lctrain.eval.cli", "lctrain.train.export"):
+    for mod in ("lctrain.eval.cli", "lctrain.train.export", "lctrain.interop.cli"):
         try:
             module = __import__(mod, fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -146,8 +146,11 @@ def load_exported(path: str, device: str = "cpu"):
 
 def load_exported_tokenizer(path: str, dest: Optional[str] = None):
     """The tokenizer stored in an exported model (written to `dest`, default a cache file)."""
-    from lctrain.data.tokenizer import Tokenizer
-    raw = base64.b64decode(_metadata(path)["tokenizer_model_b64"])
+    from lctrain.data.tokenizer import Tokenizer, TokenizerError
+    meta = _metadata(path)
+    if "tokenizer_model_b64" not in meta:     # e.g. `lctrain import` of a checkpoint without a sentencepiece model
+        raise TokenizerError(f"tokenizer: {path} carries no tokenizer; pass --tokenizer FILE.model")
+    raw = base64.b64decode(meta["tokenizer_model_b64"])
     if dest is None:
         dest = os.path.join(tempfile.gettempdir(), f"lctrain-tokenizer-{hashlib.sha1(raw).hexdigest()[:16]}.model")
     if not os.path.isfile(dest):
@@ -158,7 +161,30 @@ def load_exported_tokenizer(path: str, dest: Optional[str] = None):
     return Tokenizer(dest)
 
 
+def export_hf(path: str, out: str) -> dict:
+    """`--format hf`: the model of a run dir / checkpoint / model file (lctrain export or import) as a
+    transformers directory `out` (lctrain/interop/hf.py), with its tokenizer when it has one."""
+    from lctrain.interop.hf import export_hf as write_hf
+    if not path or not os.path.exists(path):
+        raise CheckpointError(f"no such run, checkpoint directory or model file: {path}")
+    with tempfile.TemporaryDirectory(prefix="lctrain-export-") as work:     # private (mode 0700)
+        model_file = path
+        if os.path.isdir(path):
+            model_file = os.path.join(work, "model.safetensors")
+            export(path, model_file)
+        model, recipe = load_exported(model_file)
+        tok_path = None
+        if "tokenizer_model_b64" in _metadata(model_file):
+            tok_path = load_exported_tokenizer(model_file, os.path.join(work, "tokenizer.model")).path
+        summary = write_hf(model, tok_path, out)
+    return {**summary, "source": os.path.abspath(path)}
+
+
 def cmd_export(args) -> int:
+    if getattr(args, "format", "lctrain") == "hf":
+        print(json.dumps(export_hf(args.path, args.out)))
+        sys.stdout.flush()
+        return 0
     summary = export(args.path, args.out, args.dtype)
     print(json.dumps(summary))
     sys.stdout.flush()
@@ -172,4 +198,8 @@ def register(subparsers) -> None:
     p.add_argument("path", metavar="RUN_OR_CKPT", help="a run directory (its latest checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
     p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES), help="weight dtype in the file (default fp32)")
+    p.add_argument("--format", default="lctrain", choices=["lctrain", "hf"],
+                   help="lctrain: one safetensors file (default); hf: a transformers directory (--out DIR) that "
+                        "AutoModelForCausalLM / AutoTokenizer load (mamba2 and transformer archs); RUN_OR_CKPT may "
+                        "then also be a model file from lctrain export or lctrain import")
     p.set_defaults(fn=cmd_export)

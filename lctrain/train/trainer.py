@@ -151,6 +151,11 @@ class Trainer:
 
     # --- setup ----------------------------------------------------------------------------------
     def _prepare_data(self) -> PreparedData:
+        r = self.recipe
+        if r.train.init_from and r.tokenizer.path is None:    # continued pretraining: the source's token ids
+            from lctrain.data.dataset import cache_root
+            from lctrain.interop.init import source_tokenizer
+            r.tokenizer.path = source_tokenizer(r.train.init_from, os.path.join(cache_root(r.data), "tokenizers"))
         if self.pc.is_main:
             data = prepare_data(self.recipe, self.log)
         self.pc.barrier()
@@ -326,8 +331,11 @@ class Trainer:
         if source:          # an incompatible checkpoint fails before any work (and before the run dir is touched)
             self._check_compatible(source, ckpt.read_state(source))
         data = self._prepare_data()
-        self._prepare_run_dir(data)
         model = self._build_model(data.tokenizer.vocab_size)
+        if t.init_from and not source:        # continued pretraining: source weights, fresh optimizer
+            from lctrain.interop.init import load_init_weights      # (a mismatch fails before the run dir is touched)
+            self.log(f"initialized from {load_init_weights(model, t.init_from)} (fresh optimizer)")
+        self._prepare_run_dir(data)
         info = model.summary(t.seq_len)
         self.engine = build_engine(model, r, self.pc, self.device)
         try:
