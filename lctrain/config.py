@@ -104,8 +104,6 @@ class TrainConfig:
         require(self.max_grad_norm >= 0, f"{path}.max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
         require(self.aux_loss_weight >= 0, f"{path}.aux_loss_weight", f"must be >= 0, got {self.aux_loss_weight}")
         require(self.num_threads >= 0, f"{path}.num_threads", f"must be >= 0, got {self.num_threads}")
-        if self.init_from is not None and not os.path.exists(os.path.expanduser(self.init_from)):
-            fail(f"{path}.init_from", f"no such model file or directory: {self.init_from}")
 
 
 @dataclass
@@ -224,9 +222,11 @@ class Recipe:
 
     def validate(self, path=""):
         from lctrain.models import build_config
-        if self.train.init_from and not self.model:      # continued pretraining: the source's architecture
+        if self.train.init_from and isinstance(self.model, dict) and "arch" not in self.model:
+            # continued pretraining: the source's architecture, the recipe's model keys on top
             from lctrain.interop.init import source_model_config
-            self.model = source_model_config(self.train.init_from)
+            from lctrain.models.base import _deep_merge
+            self.model = _deep_merge(source_model_config(self.train.init_from), self.model)
         self.model = build_config(self.model if self.model is not None else {}, "model")
         require(self.data.source != "megatron" or self.tokenizer.path is not None, "tokenizer.path",
                 "source 'megatron' holds token ids: give the sentencepiece .model that produced them")

@@ -34,6 +34,8 @@ def indexed_dataset_module():
 def validate_megatron_paths(cfg, path: str) -> None:
     """`data.paths` are prefixes of existing `.bin`/`.idx` pairs; `data.weights` one positive number each."""
     require(bool(cfg.paths), f"{path}.paths", "needs at least one .bin/.idx path prefix for source 'megatron'")
+    require(cfg.passkey.docs == 0, f"{path}.passkey.docs", "synthetic documents cannot be mixed into a pre-tokenized "
+                                                          "source 'megatron' (tokenize them into an indexed dataset)")
     for i, p in enumerate(cfg.paths):
         prefix = os.path.expanduser(p)
         for ext in (".bin", ".idx"):

@@ -468,6 +468,8 @@ def export_hf(model, tokenizer_path: Optional[str], out: str, eod_id: Optional[i
     """Write `out/` loadable by transformers.AutoModelForCausalLM.from_pretrained (config.json +
     model.safetensors) and AutoTokenizer (the sentencepiece model converted by transformers)."""
     tr = _transformers()
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise InteropError(f"export --format hf: --out {out} exists and is not an empty directory")
     config = hf_config(model)
     hf = tr.AutoModelForCausalLM.from_config(config)
     state = to_hf_state(model.config.arch, model)
@@ -483,7 +485,7 @@ def export_hf(model, tokenizer_path: Optional[str], out: str, eod_id: Optional[i
             tok = _hf_tokenizer(tokenizer_path, tmp)
             tok.save_pretrained(tmp)
         if os.path.isdir(out):
-            shutil.rmtree(out)
+            os.rmdir(out)               # empty (checked above)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,8 +2,9 @@
 
 PATH is a model file (`lctrain import` writes DIR/model.safetensors; `lctrain export` writes one), an
 import directory, a run directory (its latest checkpoint) or a checkpoint directory. A recipe whose
-`model` section is empty takes the source's architecture; one that gives a model must match the
-source's tensor shapes. A recipe without `tokenizer.path` uses the tokenizer the source carries (the
+`model` section names no `arch` takes the source's model config with its own keys on top (e.g. only
+`model.mixers.mamba2.dt_max`); one that names an arch is used as given. Either way the tensor shapes
+must match the source's. A recipe without `tokenizer.path` uses the tokenizer the source carries (the
 token ids the weights were trained on), else trains its own (whose size must fit the vocabulary).
 """
 from __future__ import annotations
@@ -37,6 +38,8 @@ def _checkpoint(path: str) -> tuple[str, str]:
 def _source_recipe(path: str) -> dict:
     from lctrain.train.checkpoint import CheckpointError
     from lctrain.train.export import _metadata
+    if not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError("train.init_from", f"no such model file or directory: {path}")
     try:
         f = _model_file(path)
         if f is not None:
@@ -80,6 +83,8 @@ def load_init_weights(model, path: str) -> str:
     """Copy the source's weights into `model` (same architecture); returns a description. One-line
     CheckpointError on a mismatch (first differing tensor named)."""
     from lctrain.train.checkpoint import CheckpointError, load_tensor_file
+    if not os.path.exists(os.path.expanduser(path)):
+        raise CheckpointError(f"train.init_from: no such model file or directory: {path}")
     f = _model_file(path)
     if f is not None:
         from lctrain.train.export import load_exported

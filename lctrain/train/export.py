@@ -196,7 +196,7 @@ def register(subparsers) -> None:
                               description="Consolidate a checkpoint (ZeRO shards or plain) into one safetensors file "
                                           "that lctrain.train.export.load_exported loads on one process.")
     p.add_argument("path", metavar="RUN_OR_CKPT", help="a run directory (its latest checkpoint) or a checkpoint directory")
-    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors")
+    p.add_argument("--out", required=True, help="output file, e.g. model.safetensors (--format hf: a new directory)")
     p.add_argument("--dtype", default="fp32", choices=sorted(_DTYPES), help="weight dtype in the file (default fp32)")
     p.add_argument("--format", default="lctrain", choices=["lctrain", "hf"],
                    help="lctrain: one safetensors file (default); hf: a transformers directory (--out DIR) that "
