@@ -62,3 +62,12 @@ def hf_llama(path, seed=0, **over):
     if path is not None:
         model.save_pretrained(str(path))
     return model
+
+
+def _greedy(hf, prompt, n):
+    """transformers' greedy `generate` for exactly n tokens (no end-of-sequence stop, which would also
+    mask that token while a minimum length is pending)."""
+    hf.generation_config.eos_token_id = None
+    out = hf.generate(prompt, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == prompt.shape[1] + n
+    return out[:, prompt.shape[1]:]

@@ -141,3 +141,15 @@ def test_megatron_config_errors(tmp_path, tok):
                                           "data": {"source": "megatron", "paths": [str(tmp_path / "c")], "val_fraction": 0}}))
     with pytest.raises(ValueError, match=r"c.bin holds token id \d+ >= the vocabulary size 512"):
         data.train.batch(range(len(data.train)))
+
+
+def test_tokenization_progress_without_a_terminal():
+    """No TTY: a plain line every 30 s with documents, tokens, tokens/s and the ETA from text bytes."""
+    lines = []
+    prog = ds_mod._Progress(total_bytes=1000, log=lines.append, enabled=True)
+    clock = iter([100.0, 131.0, 140.0])
+    prog.t0 = prog.last = 100.0
+    prog.time = lambda: next(clock)
+    prog.update(docs=10, tokens=3000, nbytes=250)        # t = 100: nothing yet
+    prog.update(docs=10, tokens=3100, nbytes=250)        # t = 131: 31 s since the last line
+    assert lines == ["tokenizing: 20 docs, 6,100 tokens, 197 tok/s, ETA 31s"]

@@ -12,7 +12,7 @@ from lctrain.interop.hf import InteropError, import_checkpoint
 from lctrain.models import SeqContext
 from lctrain.train.export import load_exported
 from tests.foundation_utils import ROOT, run_cli
-from tests.interop_utils import VOCAB, hf_llama, hf_mamba2, mamba_ssm_dir
+from tests.interop_utils import VOCAB, _greedy, hf_llama, hf_mamba2, mamba_ssm_dir
 
 pytest.importorskip("transformers")
 TOL = 1e-4
@@ -33,7 +33,7 @@ def _hf_packed_logits(hf, ids, lengths):
     return torch.cat(outs, 1)
 
 
-def _compare(hf, model, gen_steps=10):
+def _compare(hf, model, gen_steps=24):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (2, 37), generator=g)
     with torch.no_grad():
@@ -47,8 +47,7 @@ def _compare(hf, model, gen_steps=10):
     assert d_unpacked <= TOL, d_unpacked
     assert d_packed <= TOL, d_packed
     prompt = ids[:, :12]
-    ref = hf.generate(prompt, max_new_tokens=gen_steps, do_sample=False, min_new_tokens=gen_steps,
-                      pad_token_id=0)[:, 12:]
+    ref = _greedy(hf, prompt, gen_steps)
     mine = model.generate(prompt, gen_steps)       # recurrent state / KV cache, token by token
     assert torch.equal(ref, mine), (ref, mine)
     return d_unpacked, d_packed
