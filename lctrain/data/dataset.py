@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lctrain.config import DataConfig, Recipe
-from lctrain.data.corpus import corpus_fingerprint, is_validation, iter_documents
+from lctrain.data.corpus import corpus_bytes, corpus_fingerprint, is_validation, iter_documents
 from lctrain.data.tokenizer import Tokenizer, train_tokenizer
 from lctrain.schema import to_dict
 
@@ -205,7 +205,6 @@ def build_token_cache(recipe: Recipe, tok: Tokenizer, log: Callable[[str], None]
     written by megatron-core's IndexedDatasetBuilder: one sequence and one document per source document,
     end-of-document token appended) plus `meta.json`; atomic (built in a temp dir, then renamed).
     Byte-identical for any number of tokenization workers (`data.num_workers`)."""
-    from lctrain.data.corpus import corpus_bytes
     from lctrain.data.megatron import indexed_dataset_module
     out = token_cache_dir(recipe, tok)
     if os.path.isfile(os.path.join(out, "meta.json")):
