@@ -86,6 +86,10 @@ def test_hf_llama(tmp_path):
     a = model.config.mixers["attention"]
     assert (a.n_heads, a.n_kv_heads, a.rope_base) == (4, 2, 50000.0)
     _compare(hf, model)
+    hf.save_pretrained(str(tmp_path / "sharded"), max_shard_size="200KB")     # model.safetensors.index.json
+    assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
+    sharded = _import(tmp_path / "sharded", "transformer", tmp_path / "out2")
+    assert all(torch.equal(v, sharded.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 def _edit_config(src, **changes):

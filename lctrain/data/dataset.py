@@ -165,14 +165,14 @@ class _Progress:
     """Tokenization progress: a bar (documents, tokens, tokens/s, ETA from text bytes) on a terminal, a
     plain line every 30 s otherwise."""
 
-    def __init__(self, total_bytes: Optional[int], log: Callable[[str], None], enabled: bool):
+    def __init__(self, total_bytes: Optional[int], log: Callable[[str], None], enabled: bool, force_bar: bool = False):
         import sys
         import time
         self.time, self.log, self.t0, self.last = time.perf_counter, log, time.perf_counter(), time.perf_counter()
         self.docs = self.tokens = self.bytes = 0
         self.total = total_bytes
         self.bar = None
-        if enabled and sys.stderr.isatty():
+        if enabled and (force_bar or sys.stderr.isatty()):
             from tqdm import tqdm
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", leave=False,
                             dynamic_ncols=True)
@@ -217,7 +217,8 @@ def build_token_cache(recipe: Recipe, tok: Tokenizer, log: Callable[[str], None]
     dtype = idx.DType.optimal_dtype(tok.vocab_size)        # what Megatron's preprocess_data.py picks
     counts = {s: [0, 0] for s in SPLITS}                    # tokens, documents
     builders = {s: idx.IndexedDatasetBuilder(idx.get_bin_path(os.path.join(tmp, s)), dtype=dtype) for s in SPLITS}
-    prog = _Progress(corpus_bytes(recipe.data), log, progress and recipe.logging.progress != "off")
+    prog = _Progress(corpus_bytes(recipe.data), log, progress and recipe.logging.progress != "off",
+                     force_bar=recipe.logging.progress == "on")
     try:
         for batch, ids in encoded_documents(_documents(recipe), tok, workers):
             for (doc_id, _), arr in zip(batch, ids):
