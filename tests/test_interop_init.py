@@ -2,7 +2,6 @@
 before the first update) equals transformers' loss of the source model on the same batch (documents run
 separately: lctrain resets state at document starts); a mismatching model fails before the run
 directory is touched; the source's tokenizer is used when the recipe names none."""
-import json
 import os
 
 import pytest

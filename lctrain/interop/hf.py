@@ -390,7 +390,7 @@ def _tokenizer_bytes(src: str, tokenizer: Optional[str], vocab: int) -> tuple[Op
 def import_checkpoint(src: str, arch: str, out: str, tokenizer: Optional[str] = None) -> dict:
     """Convert the checkpoint directory `src` into `out/model.safetensors` (lctrain model file, loadable by
     `lctrain eval` and `train.init_from`) and `out/recipe.yaml` (its recipe). Raises InteropError."""
-    from lctrain.config import recipe_from_dict
+    from lctrain.config import dump_recipe, recipe_from_dict
     from lctrain.models import build_model
     if not os.path.isdir(src):
         raise InteropError(f"import: no such directory: {src}")
@@ -424,7 +424,6 @@ def import_checkpoint(src: str, arch: str, out: str, tokenizer: Optional[str] = 
         raise InteropError(f"import: {src}: weights do not match the config ({' '.join(str(e).split())[:240]})") from None
     tok_bytes, tok_from = _tokenizer_bytes(src, tokenizer, int(embed.shape[0]))
     os.makedirs(out, exist_ok=True)
-    from lctrain.config import dump_recipe
     model_file = os.path.join(out, "model.safetensors")
     write_model_file(model, recipe, model_file, tok_bytes, os.path.abspath(src), f"import {layout}")
     with open(os.path.join(out, "recipe.yaml"), "w") as f:
