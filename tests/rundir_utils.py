@@ -1,0 +1,50 @@
+"""Helpers for the run-directory / trust / schedule tests: one small trained run shared per module,
+copies of it to break, and a byte-level snapshot of a directory to prove a refused start touched nothing."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import yaml
+
+from tests.foundation_utils import run_cli, tiny_recipe_dict
+
+
+def recipe_file(path, cache_dir: str, steps: int = 4, every: int = 2, keep_last: int = 3, optim=None, **train) -> str:
+    d = tiny_recipe_dict(cache_dir, steps=steps, val_every=0, device="cpu", **train)
+    d["checkpoint"] = {"every": every, "keep_last": keep_last}
+    d["optim"].update(optim or {})
+    with open(path, "w") as f:
+        yaml.safe_dump(d, f)
+    return str(path)
+
+
+def snapshot(root: str) -> dict:
+    """{relative path: sha256 (files) or 'dir'} of everything under root."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, n), root)] = "dir"
+        for n in filenames:
+            p = os.path.join(dirpath, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def copy_run(src: str, dst: str) -> str:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def error_line(res) -> str:
+    """The single 'lctrain: error:' line of a failed CLI run (asserts there is exactly one and no traceback)."""
+    assert res.returncode != 0, (res.stdout, res.stderr)
+    lines = [l for l in res.stderr.splitlines() if l.startswith("lctrain: error:")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    return lines[0]
+
+
+def train_cli(recipe: str, run: str, *extra, timeout=300, env=None):
+    return run_cli("train", recipe, "--run-dir", run, *extra, timeout=timeout, env=env)
