@@ -8,10 +8,12 @@ Schedules (`optim.schedule`), all after a linear warmup of `optim.warmup_steps`:
   (or `decay_fraction`·train.steps), then a linear, 1-sqrt or cosine decay to min_lr_ratio·lr.
 
 Changing `train.steps` on resume: the LR of every step is a function of (step, train.steps), so the
-trainer allows a new `train.steps` only when the LR at the resume step stays the same
-(`steps_change_problem`). With wsd in the stable phase that holds: the run keeps the stable LR and the
-decay moves to the new end. With cosine / linear (after warmup) or a wsd run already decaying, the LR
-would jump: the trainer refuses with one line.
+trainer allows a new `train.steps` only when the steps already trained had the same LR under it
+(`steps_change_problem`: the run so far is a prefix of the new one). With wsd in the stable phase that
+holds: the run keeps the stable LR and the decay moves to the new end (the trainer keeps the
+checkpoint where the decay starts, so a finished wsd run can be extended from there). With cosine /
+linear after warmup, or a wsd run already decaying, the LR would jump: the trainer refuses with one
+line.
 """
 from __future__ import annotations
 
@@ -51,10 +53,12 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    start = wsd_decay_start(total_steps, cfg) if cfg.schedule == "wsd" else cfg.warmup_steps
+    wsd = cfg.schedule == "wsd"
+    start = wsd_decay_start(total_steps, cfg) if wsd else cfg.warmup_steps
     if step < start:
         return cfg.lr
-    frac = min(1.0, (step - start) / max(1, total_steps - start))
+    # wsd: every one of its decay steps decays, the last one to the floor
+    frac = min(1.0, (step - start + wsd) / max(1, total_steps - start))
     kind = cfg.decay_shape if cfg.schedule == "wsd" else cfg.schedule
     shape = {"cosine": lambda f: 0.5 * (1 + math.cos(math.pi * f)), "linear": lambda f: 1 - f,
              "1-sqrt": lambda f: 1 - math.sqrt(f)}[kind](frac)
@@ -62,16 +66,21 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def steps_change_problem(step: int, old_total: int, new_total: int, cfg: OptimConfig) -> tuple[bool, str]:
-    """Resuming at `step` a run scheduled for `old_total` steps with `new_total`: (allowed, one line)."""
-    old, new = lr_at(step, old_total, cfg), lr_at(step, new_total, cfg)
-    if math.isclose(old, new, rel_tol=1e-12, abs_tol=0.0):
+    """Resuming after `step` optimizer steps a run scheduled for `old_total` steps, now `new_total`:
+    (allowed, one line). Allowed when the steps already trained had the same LR under both totals,
+    i.e. the run so far is a prefix of the new run (then resuming equals training the new run
+    from the start, bitwise on CPU)."""
+    first = next((i for i in range(step) if lr_at(i, old_total, cfg) != lr_at(i, new_total, cfg)), None)
+    if first is None:
         if cfg.schedule == "wsd":
             a = wsd_decay_start(new_total, cfg)
             return True, (f"train.steps {old_total} -> {new_total}: the wsd schedule keeps lr {cfg.lr:.3g} and "
                           f"now decays over steps {a + 1}..{new_total}")
-        return True, f"train.steps {old_total} -> {new_total}: the LR at step {step} is unchanged ({old:.3g})"
+        return True, f"train.steps {old_total} -> {new_total}: the LR of the {step} steps trained so far is unchanged"
     hint = ("extend a wsd run from a checkpoint at or before step "
             f"{wsd_decay_start(old_total, cfg)} (where its decay starts; kept by pruning)" if cfg.schedule == "wsd" else
             "use optim.schedule: wsd for a run meant to be extended")
-    return False, (f"{old_total} -> {new_total} would change the {cfg.schedule} schedule mid-run: the LR at step "
-                   f"{step} would jump from {old:.3g} to {new:.3g}; keep train.steps={old_total}, or {hint}")
+    return False, (f"{old_total} -> {new_total} would change the {cfg.schedule} schedule mid-run: step {first + 1} "
+                   f"trained with lr {lr_at(first, old_total, cfg):.3g}, the new schedule gives "
+                   f"{lr_at(first, new_total, cfg):.3g}, and the LR would jump from {lr_at(step - 1, old_total, cfg):.3g} "
+                   f"at step {step} to {lr_at(step, new_total, cfg):.3g}; keep train.steps={old_total}, or {hint}")
