@@ -258,3 +258,40 @@ def test_legacy_checkpoint_without_manifest_still_resumes_and_says_so(base, tmp_
     res = train_cli(recipe, run)
     assert res.returncode == 0, res.stderr
     assert "has no manifest (written by an older lctrain): its content is not verified" in res.stdout
+
+
+def test_world_writable_data_cache_is_refused(base, tmp_path):
+    """The tokenizer / token cache is reused by name: a directory anyone can write to is not trusted."""
+    recipe, _ = base
+    shared = tmp_path / "shared-cache"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    run = str(tmp_path / "run")
+    line = error_line(train_cli(recipe, run, "--set", f"data.cache_dir={shared}"))
+    assert line.startswith("lctrain: error: data.cache_dir:") and "can be written by other users" in line
+    assert os.listdir(shared) == [] and not os.path.exists(run)
+
+
+EXPORT_META = {
+    "ties not JSON": ({"ties": "["}, "metadata field 'ties'"),
+    "ties a list": ({"ties": "[1]"}, "metadata field 'ties'"),
+    "no recipe": ({"recipe": ""}, "metadata field 'recipe' is missing"),
+    "step not a number": ({"step": "four"}, "metadata field 'step'"),
+    "tokenizer not base64": ({"tokenizer_model_b64": "%%%"}, "metadata field 'tokenizer_model_b64'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPORT_META))
+def test_bad_exported_metadata_names_the_field(base, tmp_path, case):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from lctrain.train.export import export
+    _, run = base
+    good, bad = str(tmp_path / "good.safetensors"), str(tmp_path / "bad.safetensors")
+    export(run, good)
+    with safe_open(good, "pt") as f:
+        meta = dict(f.metadata())
+    patch, expect = EXPORT_META[case]
+    save_file(load_file(good), bad, metadata={**meta, **patch})
+    line = error_line(run_cli("eval", "passkey", bad, "--lengths", "64", "--samples", "1"))
+    assert "bad.safetensors" in line and expect in line, line
