@@ -48,3 +48,15 @@ def error_line(res) -> str:
 
 def train_cli(recipe: str, run: str, *extra, timeout=300, env=None):
     return run_cli("train", recipe, "--run-dir", run, *extra, timeout=timeout, env=env)
+
+
+def rehash(ckpt_dir: str):
+    """Rewrite a checkpoint's manifest.json for its current files (what an attacker who edits a
+    checkpoint can also do), computed here independently of lctrain's writer."""
+    import json
+    files = {}
+    for rel, digest in snapshot(ckpt_dir).items():
+        if digest != "dir" and rel != "manifest.json":
+            files[rel] = {"bytes": os.path.getsize(os.path.join(ckpt_dir, rel)), "sha256": digest}
+    with open(os.path.join(ckpt_dir, "manifest.json"), "w") as f:
+        json.dump({"format": "lctrain-manifest/1", "hash": "sha256", "files": files}, f)

@@ -13,7 +13,7 @@ from lctrain.config import recipe_from_dict
 from lctrain.train import checkpoint as ckpt
 from lctrain.train.trainer import train
 from tests.foundation_utils import run_cli, tiny_recipe_dict
-from tests.rundir_utils import copy_run, error_line, recipe_file, snapshot, train_cli
+from tests.rundir_utils import copy_run, error_line, recipe_file, rehash, snapshot, train_cli
 
 
 class Payload:
@@ -71,24 +71,24 @@ def _plant(path, marker):
 
 
 # --- 1. nothing we load may unpickle arbitrary objects -----------------------------------------------
-@pytest.mark.parametrize("target,rehash", [
+@pytest.mark.parametrize("target,manifest_too", [
     ("zero/mp_rank_00_model_states.pt", True),                 # the reproduction (manifest rewritten too)
     ("zero/zero_pp_rank_0_mp_rank_00_optim_states.pt", True),   # an optimizer shard
     ("zero/mp_rank_00_model_states.pt", False),                 # manifest left alone: caught as corrupt first
 ])
-def test_planted_pickle_in_zero_checkpoint_is_refused_and_never_run(zero_base, tmp_path, target, rehash):
+def test_planted_pickle_in_zero_checkpoint_is_refused_and_never_run(zero_base, tmp_path, target, manifest_too):
     recipe, src = zero_base
     run = copy_run(src, str(tmp_path / "run"))
     marker = tmp_path / "PWNED"
     c = _latest(run)
     _plant(os.path.join(c, target), marker)
-    if rehash:
-        ckpt.write_manifest(c)
+    if manifest_too:
+        rehash(c)
     before = snapshot(run)
     line = error_line(train_cli(recipe, run))
     assert not marker.exists(), "the planted pickle ran"
     assert os.path.basename(target) in line
-    assert ("posix.system" in line or "os.system" in line) if rehash else "corrupt" in line
+    assert ("posix.system" in line or "os.system" in line) if manifest_too else "corrupt" in line
     assert snapshot(run) == before
     # export and eval refuse it too, before DeepSpeed reads it
     line = error_line(run_cli("export", run, "--out", str(tmp_path / "m.safetensors")))
@@ -103,7 +103,7 @@ def test_resume_with_conversion_vets_the_shards(zero_base, tmp_path):
     marker = tmp_path / "PWNED"
     c = _latest(run)
     _plant(os.path.join(c, "zero", "zero_pp_rank_0_mp_rank_00_optim_states.pt"), marker)
-    ckpt.write_manifest(c)
+    rehash(c)
     before = snapshot(run)
     line = error_line(train_cli(recipe, run, "--set", "parallel.zero_stage=0"))
     assert not marker.exists() and "refusing to load" in line
@@ -117,7 +117,7 @@ def test_planted_pickle_in_torch_checkpoint_is_refused(base, tmp_path, target):
     marker = tmp_path / "PWNED"
     c = _latest(run)
     _plant(os.path.join(c, target), marker)
-    ckpt.write_manifest(c)
+    rehash(c)
     before = snapshot(run)
     line = error_line(train_cli(recipe, run))
     assert not marker.exists() and target in line and "refusing to load" in line
@@ -149,8 +149,9 @@ def test_planted_exported_tokenizer_is_not_trusted(base, tmp_path, monkeypatch):
 def test_every_checkpoint_has_a_manifest_of_its_files(base):
     _, run = base
     for c in ckpt.list_checkpoints(run):
-        m = json.load(open(os.path.join(c, ckpt.MANIFEST)))
-        assert sorted(m["files"]) == sorted(ckpt._files(c))
+        m = json.load(open(os.path.join(c, "manifest.json")))
+        assert sorted(m["files"]) == sorted(k for k, v in snapshot(c).items() if v != "dir" and k != "manifest.json")
+        assert all(m["files"][k]["sha256"] == v for k, v in snapshot(c).items() if k in m["files"])
         assert {"model.pt", "optim.pt", "rng_rank0.pt", "state.json", "recipe.yaml"} <= set(m["files"])
         assert ckpt.verify_checkpoint(c) is True
 
@@ -211,7 +212,7 @@ def test_pruning_never_removes_the_checkpoint_just_saved(tmp_path):
         open(os.path.join(run, "checkpoints", f"step_{step:08d}", "state.json"), "w").write("{}")
     tmp = ckpt.staging_dir(run, 3)
     open(os.path.join(tmp, "state.json"), "w").write("{}")
-    ckpt.write_manifest(tmp)
+    rehash(tmp)
     final = ckpt.publish(tmp, keep_last=1)
     names = [os.path.basename(c) for c in ckpt.list_checkpoints(run)]
     assert final.endswith("step_00000003") and names == ["step_00000003", "step_00000004", "step_00000006"]
@@ -243,7 +244,7 @@ def test_bad_state_json_names_the_file_and_field(base, tmp_path, case):
     else:
         st = patch
     json.dump(st, open(os.path.join(c, "state.json"), "w"))
-    ckpt.write_manifest(c)                 # a consistent manifest: the content itself is what is wrong
+    rehash(c)                 # a consistent manifest: the content itself is what is wrong
     before = snapshot(run)
     line = error_line(train_cli(recipe, run))
     assert "state.json" in line and expect in line, line
@@ -254,7 +255,7 @@ def test_legacy_checkpoint_without_manifest_still_resumes_and_says_so(base, tmp_
     recipe, src = base
     run = copy_run(src, str(tmp_path / "run"))
     for c in ckpt.list_checkpoints(run):
-        os.remove(os.path.join(c, ckpt.MANIFEST))
+        os.remove(os.path.join(c, "manifest.json"))
     res = train_cli(recipe, run)
     assert res.returncode == 0, res.stderr
     assert "has no manifest (written by an older lctrain): its content is not verified" in res.stdout

@@ -140,6 +140,9 @@ class Trainer:
                  log: Callable[[str], None] = print, fresh: bool = False):
         self.recipe = recipe
         self.run_dir = run_dir or recipe.run_dir
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) and (fresh or resume == "never"):
+            # a torchrun restart: the first attempt made the fresh start, this one continues it
+            fresh, resume = False, "auto"
         self.resume = resume
         self.fresh = fresh
         if fresh and resume not in ("auto", "never"):
@@ -363,7 +366,6 @@ class Trainer:
         ckpt.set_host_rng_state(st)
         return TrainState(**{k: st[k] for k in TrainState().to_dict()}), how
 
-
     def _roll_back_metrics(self, step: int) -> list[int]:
         """Move records of steps after `step` (work lost in a crash, redone now) out of metrics.jsonl."""
         path = os.path.join(self.run_dir, "metrics.jsonl")
@@ -440,9 +442,8 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
-        r, t = self.recipe, self.recipe.train
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
+        if self.recipe.train.num_threads:
+            torch.set_num_threads(self.recipe.train.num_threads)
         self._lock, error = None, None
         if self.pc.is_main:
             try:
@@ -461,12 +462,12 @@ class Trainer:
 
     def _raise_everywhere(self, error: Optional[BaseException]):
         """Rank 0's start-up error, raised on every rank (the same one line)."""
-        box = None if error is None else (isinstance(error, ConfigError), getattr(error, "path", ""), str(error))
+        box = None if error is None else (isinstance(error, ConfigError), str(error))
         box = self.pc.broadcast_object(box)
         if error is not None:
             raise error
         if box is not None:
-            is_config, path, text = box
+            is_config, text = box
             if is_config:
                 raise ConfigError("", text)
             raise ckpt.CheckpointError(text)
