@@ -262,3 +262,25 @@ def test_export_follows_the_umask(base, tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "m.safetensors").st_mode & 0o777 == mode
+
+
+def test_torchrun_restart_continues_a_fresh_start(cache_dir, tmp_path, monkeypatch):
+    """--fresh / --resume never apply to the first attempt; torchrun's restart of the group resumes it
+    (it must neither move the new run aside nor be refused as a used directory)."""
+    run = str(tmp_path / "run")
+    real_save = torch.save
+
+    def crash_at_8(obj, path, *a, **k):
+        if "step_00000008" in str(path):
+            raise OSError("killed (simulated)")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", crash_at_8)
+    with pytest.raises(OSError, match="simulated"):
+        train(tiny_recipe(cache_dir, steps=8, val_every=0), run_dir=run, log=quiet, fresh=True)
+    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    for kw in ({"fresh": True}, {"resume": "never"}):
+        out = train(tiny_recipe(cache_dir, steps=8, val_every=0), run_dir=run, log=quiet, **kw)
+        assert out["step"] == 8 and not os.path.exists(os.path.join(run, "superseded"))
+    assert read_metrics(run)[4]["resumed_from"].endswith("step_00000004")
