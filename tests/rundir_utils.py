@@ -2,9 +2,12 @@
 copies of it to break, and a byte-level snapshot of a directory to prove a refused start touched nothing."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import shutil
+import subprocess
 
 import yaml
 
@@ -46,8 +49,20 @@ def error_line(res) -> str:
     return lines[0]
 
 
+def cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """`lctrain ARGS`: in this process through lctrain.cli.main (stdout/stderr captured; an uncaught
+    exception propagates and fails the test), or as a subprocess when `env` is given."""
+    if env is not None:
+        return run_cli(*args, timeout=timeout, env=env)
+    from lctrain.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def train_cli(recipe: str, run: str, *extra, timeout=300, env=None):
-    return run_cli("train", recipe, "--run-dir", run, *extra, timeout=timeout, env=env)
+    return cli("train", recipe, "--run-dir", run, *extra, timeout=timeout, env=env)
 
 
 def rehash(ckpt_dir: str):

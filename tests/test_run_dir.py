@@ -15,7 +15,7 @@ import torch
 from lctrain.train import checkpoint as ckpt
 from lctrain.train.trainer import TrainingError, train
 from tests.foundation_utils import ROOT, read_metrics, run_cli, tiny_recipe
-from tests.rundir_utils import copy_run, error_line, recipe_file, snapshot, train_cli
+from tests.rundir_utils import cli, copy_run, error_line, recipe_file, snapshot, train_cli
 
 
 def quiet(msg):
@@ -61,7 +61,7 @@ def test_failing_start_leaves_the_run_dir_untouched(base, tmp_path, case):
     assert expect in line, line
     assert snapshot(run) == before                     # recipe.yaml included: eval/export still work
     if case == "d_model changed":
-        assert run_cli("export", run, "--out", str(tmp_path / "m.safetensors")).returncode == 0
+        assert cli("export", run, "--out", str(tmp_path / "m.safetensors")).returncode == 0
 
 
 # --- 7. fresh starts ----------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def test_killed_export_leftover_is_removed_by_the_next_export(base, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".m.safetensors.tmp-{int(dead.stdout)}-abc123"
     stale.write_bytes(b"x" * 1000)
-    res = run_cli("export", run, "--out", str(out))
+    res = cli("export", run, "--out", str(out))
     assert res.returncode == 0, res.stderr
     assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
 

@@ -369,9 +369,13 @@ def vet_pickle(path: str, allow: list = ()) -> None:
             pass
         allowed = {f"{t.__module__}.{t.__qualname__}" for t in allow}
         bad = [b for b in bad if b not in allowed]
-        why = (f"it pickles {bad[0]}, which a weights-only load does not allow (it could run code)" if bad else
-               f"not a weights-only torch file ({str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__})")
-        raise CheckpointError(f"{path}: refusing to load it: {why}") from None
+        if bad:
+            raise CheckpointError(f"{path}: refusing to load it: it pickles {bad[0]}, which a weights-only load "
+                                  f"does not allow (it could run code)") from None
+        text = " ".join(str(e).split())
+        detail = text.split("WeightsUnpickler error:")[-1].strip()[:120] if text else type(e).__name__
+        raise CheckpointError(f"checkpoint {os.path.dirname(path)}: cannot load {os.path.basename(path)} (damaged or "
+                              f"not a weights-only torch file: {detail})") from None
 
 
 def vet_checkpoint(ckpt: str) -> None:
