@@ -196,15 +196,17 @@ def test_killed_export_leftover_is_removed_by_the_next_export(base, tmp_path):
 
 
 # --- 11. a full disk --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("how", ["errno", "torch-zip-writer"])
+@pytest.mark.parametrize("how", ["errno", "torch-zip-writer", "zero1-torch-zip-writer"])
 def test_full_disk_names_the_cause_and_the_path_and_keeps_the_previous_checkpoint(cache_dir, tmp_path, monkeypatch, how):
-    """ENOSPC while writing step 8's optim.pt, simulated two ways: an OSError(ENOSPC) from the writer,
-    and torch's own zip writer on /dev/full (its 'unexpected pos' error) with a device reporting no space."""
+    """ENOSPC while writing step 8's optimizer state, simulated two ways: an OSError(ENOSPC) from the
+    writer, and torch's own zip writer on /dev/full (its 'unexpected pos' error) with a device
+    reporting no space; the latter also inside DeepSpeed's ZeRO-1 save (its optimizer shard)."""
     run = str(tmp_path / "run")
     real_save = torch.save
+    target = "optim_states.pt" if how.startswith("zero1") else "optim.pt"
 
     def full(obj, path, *a, **k):
-        if str(path).endswith("optim.pt") and "step_00000008" in str(path):
+        if str(path).endswith(target) and "step_00000008" in str(path):
             if how == "errno":
                 with open("/dev/full", "wb") as f:
                     return real_save(obj, f)
@@ -220,8 +222,9 @@ def test_full_disk_names_the_cause_and_the_path_and_keeps_the_previous_checkpoin
                 self.f_frsize, self.f_bavail = st.f_frsize, 0
 
         monkeypatch.setattr(os, "statvfs", lambda p: Full(real_statvfs(p)))
+    zero = ["parallel.zero_stage=1", "train.device=cpu"] if how.startswith("zero1") else []
     with pytest.raises(TrainingError) as e:
-        train(tiny_recipe(cache_dir, steps=8, val_every=0), run_dir=run, log=quiet)
+        train(tiny_recipe(cache_dir, zero, steps=8, val_every=0), run_dir=run, log=quiet)
     msg = str(e.value)
     assert "\n" not in msg and "no space left on device" in msg
     assert "step_00000008.tmp" in msg and "step_00000004 is intact" in msg
