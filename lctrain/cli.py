@@ -25,7 +25,7 @@ def _load(args):
 def cmd_train(args) -> int:
     from lctrain.train.trainer import train
     recipe = _load(args)
-    result = train(recipe, run_dir=args.run_dir, resume=args.resume)
+    result = train(recipe, run_dir=args.run_dir, resume=args.resume, fresh=args.fresh)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: result[k] for k in ("status", "step", "loss", "val_loss", "run_dir")}))
     return 0
@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--run-dir", help="run directory (default: the recipe's run_dir, else runs/<name>)")
     p.add_argument("--resume", default="auto", metavar="auto|never|PATH",
-                   help="auto: continue from the run dir's latest checkpoint if any (default); never; or a checkpoint path")
+                   help="auto: continue from the run dir's latest checkpoint if any (default); never (refused in a dir "
+                        "that already holds a run); or a checkpoint path")
+    p.add_argument("--fresh", action="store_true",
+                   help="start from step 0 in a used run dir: its contents are first moved to RUN/superseded/<time>/")
     p.set_defaults(fn=cmd_train)
 
     tok = sub.add_parser("tokenizer", help="tokenizer commands").add_subparsers(dest="tokenizer_command", metavar="COMMAND")

@@ -109,9 +109,14 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
-    min_lr_ratio: float = 0.1         # cosine floor as a fraction of lr
+    min_lr_ratio: float = 0.1         # decay floor as a fraction of lr
     warmup_steps: int = 10
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # cosine / linear: decay over all steps after warmup; constant; wsd: warmup-stable-decay (the
+    # decay is the last decay_steps, or decay_fraction of train.steps): a run can be extended
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_fraction: float = 0.2       # wsd: fraction of train.steps spent decaying (when decay_steps is 0)
+    decay_steps: int = 0              # wsd: decay length in steps (overrides decay_fraction)
+    decay_shape: Literal["linear", "1-sqrt", "cosine"] = "linear"   # wsd: shape of the final decay
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -120,6 +125,8 @@ class OptimConfig:
         require(self.lr > 0, f"{path}.lr", f"must be positive, got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, f"{path}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(self.warmup_steps >= 0, f"{path}.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0 < self.decay_fraction <= 1, f"{path}.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        require(self.decay_steps >= 0, f"{path}.decay_steps", f"must be >= 0, got {self.decay_steps}")
         require(self.weight_decay >= 0, f"{path}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas",
                 f"must be two numbers in [0, 1), got {self.betas}")
@@ -232,6 +239,10 @@ class Recipe:
                 "source 'megatron' holds token ids: give the sentencepiece .model that produced them")
         require(self.train.seq_len % self.parallel.sp == 0, "train.seq_len",
                 f"{self.train.seq_len} must be divisible by parallel.sp={self.parallel.sp}")
+        if self.optim.schedule == "wsd":
+            require(self.optim.decay_steps <= self.train.steps - self.optim.warmup_steps, "optim.decay_steps",
+                    f"{self.optim.decay_steps} decay steps do not fit after {self.optim.warmup_steps} warmup steps "
+                    f"in train.steps={self.train.steps}")
         if self.run_dir is None:
             self.run_dir = os.path.join("runs", self.name)
 

@@ -187,7 +187,11 @@ def test_bad_checkpoint_arguments(tiny_run, tmp_path, capsys):
     shutil.copytree(run, broken)
     ckpt = next((broken / "checkpoints").iterdir())
     (ckpt / "model.pt").write_bytes(b"garbage")
-    cases.append((str(broken), "cannot load model.pt"))
+    cases.append((str(broken), "model.pt is corrupt"))             # caught by the checkpoint's manifest
+    legacy = tmp_path / "legacy"                                   # no manifest: caught by the loader
+    shutil.copytree(broken, legacy)
+    os.remove(next((legacy / "checkpoints").iterdir()) / "manifest.json")
+    cases.append((str(legacy), "cannot load model.pt"))
     mismatch = tmp_path / "mismatch"
     shutil.copytree(run, mismatch)
     recipe = yaml.safe_load((mismatch / "recipe.yaml").read_text())

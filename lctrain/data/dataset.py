@@ -35,7 +35,17 @@ EXTRA_SOURCES: dict[str, Callable[[Recipe], Iterator[tuple[str, str]]]] = {}
 
 
 def cache_root(cfg: DataConfig) -> str:
-    return os.path.expanduser(cfg.cache_dir or os.environ.get("LCTRAIN_CACHE", "~/.cache/lctrain"))
+    """The tokenizer / token cache directory. Its files are trusted (reused by name), so a directory
+    other users can write to (world-writable, e.g. /tmp itself, or owned by another user) is refused."""
+    root = os.path.expanduser(cfg.cache_dir or os.environ.get("LCTRAIN_CACHE", "~/.cache/lctrain"))
+    if os.path.isdir(root):
+        st = os.stat(root)
+        if st.st_mode & 0o002 or st.st_uid not in (os.getuid(), 0):
+            from lctrain.schema import ConfigError
+            raise ConfigError("data.cache_dir", f"{root} can be written by other users (mode {st.st_mode & 0o7777:o}, "
+                                                f"owner uid {st.st_uid}): files planted there would be trusted; use a "
+                                                f"private directory (e.g. a subdirectory with chmod 700)")
+    return root
 
 
 def _tokenizer_extras(recipe: Recipe) -> list[str]:

@@ -105,9 +105,12 @@ def export(path: str, out: str, dtype: str = "fp32") -> dict:
     meta = {"format": FORMAT, "recipe": recipe_yaml, "tokenizer_model_b64": base64.b64encode(tok_bytes).decode(),
             "step": str(state.get("step", 0)), "source_checkpoint": os.path.abspath(ckpt_dir), "weights_from": source,
             "ties": json.dumps({k: v for k, v in alias.items() if k != v}), "dtype": dtype}
-    tmp = f"{out}.tmp-{os.getpid()}"
+    _clean_stale_exports(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-{os.getpid()}-", dir=out_dir)
+    os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())           # like any file the user creates (mkstemp makes 0600)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -115,6 +118,34 @@ def export(path: str, out: str, dtype: str = "fp32") -> dict:
     n = sum(t.numel() for t in tensors.values())
     return {"out": os.path.abspath(out), "checkpoint": os.path.abspath(ckpt_dir), "step": int(state.get("step", 0)),
             "weights_from": source, "params": n, "dtype": dtype, "bytes": os.path.getsize(out)}
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _clean_stale_exports(out: str):
+    """Remove temp files of killed exports to the same `out` (`.NAME.tmp-PID-*` of a dead PID)."""
+    d, prefix = os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.tmp-"
+    for n in os.listdir(d):
+        pid = n[len(prefix):].split("-", 1)[0] if n.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                os.remove(os.path.join(d, n))
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _metadata(path: str) -> dict:
@@ -128,6 +159,21 @@ def _metadata(path: str) -> dict:
         raise CheckpointError(f"{path}: not a safetensors file ({str(e).splitlines()[0] if str(e) else e})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a model exported by lctrain export (format {meta.get('format')!r})")
+    for key in ("recipe", "tokenizer_model_b64"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            raise CheckpointError(f"{path}: metadata field '{key}' is missing")
+    if not str(meta.get("step", "0")).isdigit():
+        raise CheckpointError(f"{path}: metadata field 'step' must be an integer >= 0, got {meta.get('step')!r}")
+    try:
+        base64.b64decode(meta["tokenizer_model_b64"], validate=True)
+    except ValueError:
+        raise CheckpointError(f"{path}: metadata field 'tokenizer_model_b64' is not base64") from None
+    try:
+        ties = json.loads(meta.get("ties", "{}"))
+    except ValueError:
+        ties = None
+    if not (isinstance(ties, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in ties.items())):
+        raise CheckpointError(f"{path}: metadata field 'ties' must be a JSON object of name -> name")
     return meta
 
 
@@ -145,18 +191,25 @@ def load_exported(path: str, device: str = "cpu"):
 
 
 def load_exported_tokenizer(path: str, dest: Optional[str] = None):
-    """The tokenizer stored in an exported model (written to `dest`, default a cache file)."""
+    """The tokenizer stored in an exported model, written to `dest` (default: a file named by its
+    sha256 in the user's lctrain cache, `$LCTRAIN_CACHE` or ~/.cache/lctrain, reused only when its
+    bytes hash to that name: a file planted there is never trusted)."""
     from lctrain.data.tokenizer import Tokenizer, TokenizerError
     meta = _metadata(path)
     if "tokenizer_model_b64" not in meta:     # e.g. `lctrain import` of a checkpoint without a sentencepiece model
         raise TokenizerError(f"tokenizer: {path} carries no tokenizer; pass --tokenizer FILE.model")
     raw = base64.b64decode(meta["tokenizer_model_b64"])
+    digest = hashlib.sha256(raw).hexdigest()
     if dest is None:
-        dest = os.path.join(tempfile.gettempdir(), f"lctrain-tokenizer-{hashlib.sha1(raw).hexdigest()[:16]}.model")
-    if not os.path.isfile(dest):
-        tmp = f"{dest}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
+        root = os.path.expanduser(os.environ.get("LCTRAIN_CACHE", "~/.cache/lctrain"))
+        dest = os.path.join(root, "tokenizers", f"exported-{digest[:32]}.model")
+    if not (os.path.isfile(dest) and _file_sha256(dest) == digest):
+        d = os.path.dirname(os.path.abspath(dest))
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tokenizer.tmp-", dir=d)
+        with os.fdopen(fd, "wb") as f:
             f.write(raw)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     return Tokenizer(dest)
 
@@ -178,6 +231,11 @@ def export_hf(path: str, out: str) -> dict:
             tok_path = load_exported_tokenizer(model_file, os.path.join(work, "tokenizer.model")).path
         summary = write_hf(model, tok_path, out)
     return {**summary, "source": os.path.abspath(path)}
+
+
+def _file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cmd_export(args) -> int:

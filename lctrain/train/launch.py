@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restart the whole group this many times after a failure (env MAX_RESTARTS; default 0)")
     p.add_argument("--run-dir", help="run directory (default: the recipe's run_dir)")
     p.add_argument("--resume", default="auto", metavar="auto|never|PATH")
+    p.add_argument("--fresh", action="store_true", help="start from step 0, moving a used run dir's contents aside")
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command instead of running it")
     return p
 
@@ -164,6 +165,8 @@ def plan(args) -> list[str]:
         cmd += ["--run-dir", os.path.abspath(args.run_dir)]
     if args.resume != "auto":
         cmd += ["--resume", args.resume]
+    if args.fresh:
+        cmd += ["--fresh"]
     for o in args.overrides:
         cmd += ["--set", o]
     return cmd

@@ -18,6 +18,15 @@ twice. A resumed run marks its first record with `resumed_from` and `restart` (t
 count); records of steps that a restart rolled back (after the last checkpoint) move from
 `metrics.jsonl` to `metrics.rolled_back.jsonl`. A collective that does not complete within
 `parallel.timeout_s` (a hung or dead rank) stops the run with an error saying so.
+
+Start-up order (nothing in the run directory changes unless every check passes): take the run
+directory's lock (`rundir.RunLock`, one trainer per directory); pick the checkpoint to resume, verify
+it against its manifest, vet its pickles and check it against the recipe (model fields, seed, sequence
+length, global batch, what a new `train.steps` does to the LR schedule); prepare data; build the model
+and engine; load the checkpoint. Only then: leftovers of killed saves/prunes/conversions are removed,
+superseded contents are moved aside, and recipe.yaml / tokenizer.model are written.
+A checkpoint save that hits a full disk stops with one line naming the path; the previous checkpoint
+is intact (saves are staged and renamed).
 """
 from __future__ import annotations
 
@@ -41,7 +50,8 @@ from lctrain.schema import ConfigError
 from lctrain.train import checkpoint as ckpt
 from lctrain.train.launch import validate_layout
 from lctrain.train.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
-from lctrain.train.optim import lr_at
+from lctrain.train import rundir
+from lctrain.train.optim import lr_at, steps_change_problem, wsd_decay_start
 from lctrain.train.zero import autocast_for, build_engine, read_full_state
 
 
@@ -127,10 +137,19 @@ def _fault_injection() -> Optional[tuple]:
 
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Optional[str] = None, resume: str = "auto",
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, fresh: bool = False):
         self.recipe = recipe
         self.run_dir = run_dir or recipe.run_dir
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) and (fresh or resume == "never"):
+            # a torchrun restart: the first attempt made the fresh start, this one continues it
+            fresh, resume = False, "auto"
         self.resume = resume
+        self.fresh = fresh
+        if fresh and resume not in ("auto", "never"):
+            inside = os.path.abspath(resume).startswith(os.path.abspath(self.run_dir) + os.sep)
+            if inside:
+                raise ConfigError("--fresh", f"moves {self.run_dir}'s contents aside: it cannot resume from "
+                                             f"{resume} inside it (copy that checkpoint elsewhere first)")
         self.device = pick_device(recipe)
         try:
             world = int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -163,10 +182,21 @@ class Trainer:
             data = prepare_data(self.recipe, lambda m: None)
         return data
 
-    def _prepare_run_dir(self, data: PreparedData):
+    def _prepare_run_dir(self, data: PreparedData, plan: dict):
+        """Touch the run directory, after every start-up check passed (rank 0)."""
         if not self.pc.is_main:
             return
         os.makedirs(self.run_dir, exist_ok=True)
+        stale = ckpt.clean_stale(self.run_dir)
+        if stale:
+            self.log(f"removed {len(stale)} leftover(s) of killed saves/prunes/conversions: {', '.join(stale)}")
+        if plan.get("move_all"):
+            dest = rundir.move_aside(self.run_dir)
+            self.log(f"--fresh: the previous contents of {self.run_dir} moved to {dest}")
+        elif plan.get("move_ckpts"):
+            dest = rundir.move_aside(self.run_dir, checkpoints=plan["move_ckpts"])
+            self.log(f"resuming from an earlier checkpoint: {len(plan['move_ckpts'])} later checkpoint(s) moved to {dest}")
+        self._lock.record_holder()
         with open(os.path.join(self.run_dir, "recipe.yaml"), "w") as f:
             f.write(dump_recipe(self.recipe))
         dst = os.path.join(self.run_dir, "tokenizer.model")
@@ -185,19 +215,34 @@ class Trainer:
         return model
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def save(self, engine, state: TrainState):
+    def save(self, engine, state: TrainState, keep: bool = False):
+        """Stage, hash (manifest) and publish a checkpoint; `keep`: pruning never removes it."""
         tmp = None
         if self.pc.is_main:
             tmp = ckpt.staging_dir(self.run_dir, state.step)
         tmp = self.pc.broadcast_object(tmp)
-        ckpt.save_rng(tmp, self.pc.rank)
-        engine.save(tmp)
-        if self.pc.is_main:
-            ckpt.write_state(tmp, {**state.to_dict(), **ckpt.host_rng_state(), "world_size": self.pc.world_size,
-                                   "dp_size": self.pc.dp_size, "sp_size": self.pc.sp_size,
-                                   "global_batch": self.global_batch, "seq_len": self.recipe.train.seq_len,
-                                   "zero_stage": engine.zero_stage, "format": engine.format})
-        self.pc.barrier()
+        try:
+            ckpt.save_rng(tmp, self.pc.rank)
+            engine.save(tmp)
+            if self.pc.is_main:
+                ckpt.write_state(tmp, {**state.to_dict(), **ckpt.host_rng_state(), "world_size": self.pc.world_size,
+                                       "dp_size": self.pc.dp_size, "sp_size": self.pc.sp_size,
+                                       "global_batch": self.global_batch, "seq_len": self.recipe.train.seq_len,
+                                       "total_steps": self.recipe.train.steps, "keep": keep, "seed": self.recipe.seed,
+                                       "zero_stage": engine.zero_stage, "format": engine.format})
+                with open(os.path.join(tmp, "recipe.yaml"), "w") as f:
+                    f.write(dump_recipe(self.recipe))
+            self.pc.barrier()
+            if self.pc.is_main:
+                ckpt.write_manifest(tmp)
+        except (OSError, RuntimeError) as e:
+            if not ckpt.no_space(e, tmp):
+                raise
+            prev = ckpt.latest_checkpoint(self.run_dir)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingError(f"no space left on device while saving checkpoint {tmp}: "
+                                + (f"the previous checkpoint {prev} is intact; " if prev else "")
+                                + "free space and run the same command to resume") from None
         if self.pc.is_main:
             final = ckpt.publish(tmp, self.recipe.checkpoint.keep_last)
             self.log(f"checkpoint saved: {final}")
@@ -216,11 +261,91 @@ class Trainer:
                 f"checkpoint {path} was written with a global batch of {st['global_batch']} sequences, this run has "
                 f"{self.global_batch} (batch_size x grad_accum x dp = {t.batch_size} x {t.grad_accum} x "
                 f"{self.pc.dp_size}): resume with the same global batch{hint}, or start a new run dir")
+        if "seed" in st and st["seed"] != self.recipe.seed:
+            raise ConfigError("seed", f"{self.recipe.seed} here, {st['seed']} when checkpoint {path} was written: the "
+                                      f"data order is a function of the seed; resume with seed {st['seed']}")
+        if "total_steps" in st and st["total_steps"] != t.steps and st["step"] < t.steps:
+            ok, line = steps_change_problem(st["step"], st["total_steps"], t.steps, self.recipe.optim)
+            if not ok:
+                raise ConfigError("train.steps", line)
+            self.log(line)
+
+    def _old_recipe(self, path: str) -> Optional[dict]:
+        """The recipe that wrote checkpoint `path` (its own copy, else its run dir's), as a dict."""
+        import yaml
+        root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        for f in (os.path.join(path, "recipe.yaml"), os.path.join(root, "recipe.yaml")):
+            if os.path.isfile(f):
+                try:
+                    with open(f) as fh:
+                        d = yaml.safe_load(fh)
+                except (OSError, yaml.YAMLError):
+                    continue
+                return d if isinstance(d, dict) else None
+        return None
+
+    def _check_shapes(self, path: str, model):
+        """The checkpoint's weights (model.pt, memory-mapped) must fit the recipe's model; a mismatch is
+        one line naming the model.* field that changed (from the recipe that wrote the checkpoint)."""
+        if not os.path.isfile(os.path.join(path, "model.pt")):
+            return
+        saved = ckpt.tensor_shapes(path, "model.pt")
+        mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        bad = next((k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)), None)
+        if bad is None:
+            return
+        what = f"{bad}: {saved.get(bad, 'absent')} in the checkpoint, {mine.get(bad, 'absent')} in this recipe's model"
+        old = self._old_recipe(path)
+        diffs = _diff_fields((old or {}).get("model"), self.recipe.to_dict()["model"], "model") if old else []
+        diffs = [d for d in diffs if not (d[0] == "model.vocab_size" and not self.recipe.model.vocab_size)]
+        if diffs:
+            field, here, there = diffs[0]
+            raise ConfigError(field, f"{here} here, {there} when checkpoint {path} was written, so its weights do not fit "
+                                     f"({what}); resume with the run's recipe, or start anew (--fresh or another --run-dir)")
+        raise ckpt.CheckpointError(f"checkpoint {path}: its weights do not fit this recipe's model ({what})")
+
+    def _plan_start(self) -> tuple[Optional[str], dict]:
+        """Rank 0: the checkpoint to resume (verified, vetted, compatible) and what to move aside.
+        Reads only; raises with one line on any problem."""
+        d = self.run_dir
+        plan: dict = {}
+        mine = ckpt.list_checkpoints(d)
+        held = rundir.used(d) if os.path.isdir(d) else None
+        if self.fresh:
+            extra = [x for x in os.listdir(d) if x not in (rundir.LOCK, rundir.SUPERSEDED)] if os.path.isdir(d) else []
+            plan["move_all"] = bool(extra)
+            source = None if self.resume in ("auto", "never") else ckpt.resolve_checkpoint(self.resume, check=False)
+        elif self.resume == "never":
+            if held:
+                raise ckpt.CheckpointError(
+                    f"run dir {d} already holds a run ({held}): --resume never would mix its checkpoints with the new "
+                    f"run's; resume it (--resume auto), or pass --fresh to move its contents to {d}/superseded/")
+            source = None
+        elif self.resume == "auto":
+            source = mine[-1] if mine else None
+        else:
+            source = ckpt.resolve_checkpoint(self.resume, check=False)
+            if os.path.dirname(os.path.abspath(source)) == os.path.abspath(ckpt.checkpoint_root(d)):
+                plan["move_ckpts"] = [c for c in mine if ckpt.step_of(c) > ckpt.step_of(source)]
+            elif held:
+                raise ckpt.CheckpointError(
+                    f"run dir {d} already holds a run ({held}): resuming it from {source} would mix two runs; pass "
+                    f"--fresh to move its contents to {d}/superseded/ first, or use another --run-dir")
+        if source:
+            try:
+                plan["verified"] = ckpt.check_checkpoint(source)
+            except ckpt.CheckpointError as e:
+                if self.resume != "auto":
+                    raise
+                prev = next((c for c in reversed(mine[:-1]) if _checks(c)), None)
+                raise ckpt.CheckpointError(f"{e}; refusing to resume from it" + (
+                    f" (the previous checkpoint verifies: --resume {prev} continues from it)" if prev else "")) from None
+            self._check_compatible(source, ckpt.read_state(source))
+        return source, plan
 
     def _load(self, path: str, engine) -> tuple[TrainState, str]:
         """Restore model, optimizer, RNG and data position; returns the state and how it was loaded."""
-        st = ckpt.read_state(path)
-        self._check_compatible(path, st)
+        st = ckpt.read_state(path)        # checked against the recipe in _plan_start
         fmt = st.get("format", "torch")
         saved_stage = int(st.get("zero_stage", 0)) if fmt == "deepspeed" else 0
         saved_world = int(st.get("world_size", 1))
@@ -322,33 +447,68 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
+        if self.recipe.train.num_threads:
+            torch.set_num_threads(self.recipe.train.num_threads)
+        self._lock, error = None, None
+        if self.pc.is_main:
+            try:
+                self._lock = rundir.RunLock(self.run_dir).acquire()
+            except (rundir.RunDirLocked, OSError) as e:
+                error = e
+        self._raise_everywhere(error)
+        ok = False
+        try:
+            result = self._run_locked()
+            ok = True
+            return result
+        finally:
+            if self._lock:
+                self._lock.release(failed=not ok)
+
+    def _raise_everywhere(self, error: Optional[BaseException]):
+        """Rank 0's start-up error, raised on every rank (the same one line)."""
+        box = None if error is None else (isinstance(error, ConfigError), str(error))
+        box = self.pc.broadcast_object(box)
+        if error is not None:
+            raise error
+        if box is not None:
+            is_config, text = box
+            if is_config:
+                raise ConfigError("", text)
+            raise ckpt.CheckpointError(text)
+
+    def _run_locked(self) -> dict:
         r, t = self.recipe, self.recipe.train
-        if t.num_threads:
-            torch.set_num_threads(t.num_threads)
-        source = None
-        if self.resume != "never":
-            source = ckpt.latest_checkpoint(self.run_dir) if self.resume == "auto" else ckpt.resolve_checkpoint(self.resume)
-        if source:          # an incompatible checkpoint fails before any work (and before the run dir is touched)
-            self._check_compatible(source, ckpt.read_state(source))
+        plan, error = None, None
+        if self.pc.is_main:
+            try:
+                plan = self._plan_start()
+            except (ConfigError, ckpt.CheckpointError, OSError) as e:
+                error = e
+        self._raise_everywhere(error)
+        source, plan = self.pc.broadcast_object(plan)
+        if source and not plan.get("verified"):
+            self.log(f"checkpoint {source} has no manifest (written by an older lctrain): its content is not verified")
         data = self._prepare_data()
         model = self._build_model(data.tokenizer.vocab_size)
-        if t.init_from and not source:        # continued pretraining: source weights, fresh optimizer
+        if source:
+            self._check_shapes(source, model)
+        elif t.init_from:                     # continued pretraining: source weights, fresh optimizer
             from lctrain.interop.init import load_init_weights      # (a mismatch fails before the run dir is touched)
             self.log(f"initialized from {load_init_weights(model, t.init_from)} (fresh optimizer)")
-        self._prepare_run_dir(data)
         info = model.summary(t.seq_len)
         self.engine = build_engine(model, r, self.pc, self.device)
         try:
-            return self._train(self.engine, data, info, source)
+            state, how = self._load(source, self.engine) if source else (TrainState(), None)
+            self._prepare_run_dir(data, plan)
+            return self._train(self.engine, data, info, source, state, how)
         finally:
             self.engine.close()
 
-    def _train(self, engine, data: PreparedData, info: dict, source: Optional[str]) -> dict:
+    def _train(self, engine, data: PreparedData, info: dict, source: Optional[str], state: TrainState,
+               how: Optional[str]) -> dict:
         r, t = self.recipe, self.recipe.train
-        state = TrainState()
-        how = None
         if source:
-            state, how = self._load(source, engine)
             self.log(f"resumed from {source} at step {state.step}" + ("" if how == "native" else f" ({how})"))
         order = DataOrder(len(data.train), r.seed)
         if data.val is None:
@@ -445,8 +605,9 @@ class Trainer:
                                      f"grad_norm {grad_norm:.3f} {tps:,.0f} tok/s"
                                      + (f" val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""))
                     every = r.checkpoint.every
-                    if (every and state.step % every == 0) or is_last:
-                        self.save(engine, state)
+                    decay_start = r.optim.schedule == "wsd" and state.step == wsd_decay_start(t.steps, r.optim)
+                    if (every and state.step % every == 0) or is_last or decay_start:
+                        self.save(engine, state, keep=decay_start)
                         saved_at = state.step
                     if float(totals[2]) and not is_last:
                         if saved_at != state.step:
@@ -475,9 +636,25 @@ class Trainer:
 
 
 def train(recipe: Recipe, run_dir: Optional[str] = None, resume: str = "auto",
-          log: Callable[[str], None] = print) -> dict:
-    trainer = Trainer(recipe, run_dir, resume, log)
+          log: Callable[[str], None] = print, fresh: bool = False) -> dict:
+    """Train (or resume) `recipe` in `run_dir`; `fresh`: start from step 0, moving an existing run's
+    contents to RUN/superseded/<time>/ (module docstring: start-up order and checks)."""
+    trainer = Trainer(recipe, run_dir, resume, log, fresh)
     try:
         return trainer.run()
     finally:
         trainer.pc.shutdown()
+
+
+def _checks(path: str) -> bool:
+    try:
+        return ckpt.check_checkpoint(path) or True
+    except ckpt.CheckpointError:
+        return False
+
+
+def _diff_fields(old, new, path: str) -> list[tuple[str, object, object]]:
+    """(dotted field, new value, old value) for every leaf that differs (keys only one side has: skipped)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in new if k in old for d in _diff_fields(old[k], new[k], f"{path}.{k}")]
+    return [] if old == new else [(path, new, old)]

@@ -50,7 +50,7 @@ from lctrain.train import checkpoint as ckpt
 from lctrain.train.optim import build_optimizer, param_groups
 
 ZERO_DIR = "zero"                 # DeepSpeed's tag (sub-directory) inside our checkpoint directory
-UNIVERSAL_PREFIX = ".universal-"  # temporary conversion dirs in checkpoints/ (ignored by list_checkpoints)
+UNIVERSAL_PREFIX = ".universal-"  # private conversion dirs in checkpoints/ (mkdtemp; stale ones: ckpt.clean_stale)
 
 
 def autocast_for(recipe, device: torch.device):
@@ -146,18 +146,20 @@ def _run_ds_to_universal(src: str, dst: str):
 
 def full_state_from_deepspeed(path: str, layout: ModelLayout, adam_steps: int, pc) -> FullState:
     """From a ZeRO-n checkpoint's shards: rank 0 converts them with DeepSpeed's universal-checkpoint
-    converter next to the checkpoint, every rank reads the per-parameter tensors, rank 0 cleans up."""
+    converter into a private directory next to the checkpoint (same file system, fresh name: nothing
+    planted there is read), every rank reads the per-parameter tensors, rank 0 cleans up. The shards
+    must have been vetted (`ckpt.vet_checkpoint`): DeepSpeed's converter unpickles them unrestricted."""
+    import tempfile
     root = os.path.dirname(os.path.abspath(path))
-    work = os.path.join(root, UNIVERSAL_PREFIX + os.path.basename(path))
-    error = None
+    error = work = None
     if pc.is_main:
-        shutil.rmtree(work, ignore_errors=True)
+        work = tempfile.mkdtemp(prefix=UNIVERSAL_PREFIX + os.path.basename(path) + "-", dir=root)
         try:
             # (the converter also writes a `latest_universal` file next to its output: inside `work`)
             _run_ds_to_universal(os.path.join(path, ZERO_DIR), os.path.join(work, "out"))
         except Exception as e:   # reported on every rank below
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    error = pc.broadcast_object(error)
+    error, work = pc.broadcast_object((error, work))
     if error:
         if pc.is_main:
             shutil.rmtree(work, ignore_errors=True)
@@ -191,7 +193,7 @@ def read_full_state(path: str, fmt: str, layout: ModelLayout, adam_steps: int, p
 def _read_universal(file: str, shape, path: str, name: str) -> torch.Tensor:
     if not os.path.isfile(file):
         raise ckpt.CheckpointError(f"checkpoint {path}: its ZeRO shards hold no state for parameter {name}")
-    x = torch.load(file, map_location="cpu", weights_only=False)
+    x = torch.load(file, map_location="cpu", weights_only=True)
     t = x["param"] if isinstance(x, dict) else x
     if t.numel() != math.prod(shape):
         raise ckpt.CheckpointError(f"checkpoint {path}: parameter {name} has {t.numel()} elements, the model "
