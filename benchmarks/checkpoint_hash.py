@@ -9,7 +9,7 @@ two AdamW moments) with torch.save, into a staging directory that is fsynced and
 parallel threads). Load: `torch.load` of both files (weights_only), against `ckpt.check_checkpoint`
 (verify hashes + weights-only vetting, memory-mapped) followed by the same loads. "Hashing alone" is
 `write_manifest` on the written checkpoint (sha256 throughput, files in parallel). Interleaved
-repetitions, medians, ratio = with / without. The page cache is warm (the files were just written),
+repetitions (alternating which goes first), medians, ratio = with / without. The page cache is warm (the files were just written),
 as at save time; a resume on a cold cache reads the files twice from disk instead.
 """
 from __future__ import annotations
@@ -87,8 +87,9 @@ def main():
             plain_run, hashed_run = os.path.join(root, "plain"), os.path.join(root, "hashed")
             res = {"save": [], "save_m": [], "load": [], "load_c": [], "hash": []}
             for r in range(a.reps):
-                res["save"].append(_save(plain_run, 1, model, optim, False))
-                res["save_m"].append(_save(hashed_run, 1, model, optim, True))
+                order = [("save", plain_run, False), ("save_m", hashed_run, True)]
+                for key, run, manifest in (order if r % 2 == 0 else order[::-1]):   # alternate who goes first
+                    res[key].append(_save(run, 1, model, optim, manifest))
                 res["load"].append(_load(os.path.join(plain_run, "checkpoints", "step_00000001"), False))
                 res["load_c"].append(_load(os.path.join(hashed_run, "checkpoints", "step_00000001"), True))
                 t0 = time.perf_counter()

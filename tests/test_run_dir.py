@@ -1,13 +1,11 @@
 """Run-directory ownership (issue 14, items 6, 7, 8, 9, 11, and 18's umask): a start that fails its
 checks leaves the run directory byte-identical, fresh starts never mix runs, one trainer per run
 directory, leftovers of killed saves/prunes/exports are cleaned, a full disk is named."""
-import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch

@@ -48,7 +48,9 @@ def test_steps_change_on_resume(schedule, step, old, new, allowed):
     ok, line = steps_change_problem(step, old, new, cfg)
     assert ok == allowed and "\n" not in line
     if not ok:
-        assert f"{old} -> {new} would change the {schedule} schedule" in line and f"at step {step} to" in line
+        assert f"{old} -> {new} would change the {schedule} schedule" in line and "trained with lr" in line
+        if new > old and step >= old - 1:
+            assert "would rise from" in line and f"at step {step} to" in line        # extending a decayed run
         assert ("at or before step" in line) if schedule == "wsd" else ("optim.schedule: wsd" in line)
 
 

@@ -4,7 +4,6 @@ Every bad checkpoint below is refused by `lctrain train` (resume) with one 'lctr
 names the file and the cause, a non-zero exit, and a run directory byte-identical to before."""
 import json
 import os
-import shutil
 
 import pytest
 import torch

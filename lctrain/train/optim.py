@@ -80,7 +80,10 @@ def steps_change_problem(step: int, old_total: int, new_total: int, cfg: OptimCo
     hint = ("extend a wsd run from a checkpoint at or before step "
             f"{wsd_decay_start(old_total, cfg)} (where its decay starts; kept by pruning)" if cfg.schedule == "wsd" else
             "use optim.schedule: wsd for a run meant to be extended")
-    return False, (f"{old_total} -> {new_total} would change the {cfg.schedule} schedule mid-run: step {first + 1} "
-                   f"trained with lr {lr_at(first, old_total, cfg):.3g}, the new schedule gives "
-                   f"{lr_at(first, new_total, cfg):.3g}, and the LR would jump from {lr_at(step - 1, old_total, cfg):.3g} "
-                   f"at step {step} to {lr_at(step, new_total, cfg):.3g}; keep train.steps={old_total}, or {hint}")
+    # quote the trained step whose LR changes most
+    i = max(range(first, step), key=lambda j: abs(lr_at(j, old_total, cfg) - lr_at(j, new_total, cfg)))
+    last, nxt = lr_at(step - 1, old_total, cfg), lr_at(step, new_total, cfg)
+    rise = f", and the LR would rise from {last:.3g} at step {step} to {nxt:.3g}" if nxt > last else ""
+    return False, (f"{old_total} -> {new_total} would change the {cfg.schedule} schedule mid-run: step {i + 1} "
+                   f"trained with lr {lr_at(i, old_total, cfg):.3g}, the new schedule gives "
+                   f"{lr_at(i, new_total, cfg):.3g}{rise}; keep train.steps={old_total}, or {hint}")
