@@ -23,12 +23,31 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    """Exit status: 0 completed (or already complete); after SIGINT / SIGTERM, once the checkpoint is
+    saved, 128 + the signal number (130 / 143), the shell convention for a run stopped by a signal."""
+    from lctrain.train.metrics import json_line
     from lctrain.train.trainer import train
     recipe = _load(args)
     result = train(recipe, run_dir=args.run_dir, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: result[k] for k in ("status", "step", "loss", "val_loss", "run_dir")}))
+        print(json_line({k: result.get(k) for k in ("status", "step", "loss", "val_loss", "run_dir")}), flush=True)
+        if result["status"] in ("completed", "already_complete"):
+            _print_next_steps(result["run_dir"], recipe)
+    if result["status"] == "interrupted":
+        return 128 + (result.get("signal") or 2)
     return 0
+
+
+def _print_next_steps(run_dir: str, recipe) -> None:
+    """What a person does with a finished run: the long-context evaluations and the export."""
+    import shlex
+    run = shlex.quote(run_dir)
+    far = 16 * recipe.train.seq_len
+    print(f"next steps:\n"
+          f"  lctrain eval length {run} --length {far}   # loss + recurrent-state statistics at 16x train.seq_len\n"
+          f"  lctrain eval passkey {run} --lengths 256,512,1k   # passkey retrieval (recipes/passkey-cpu.yaml "
+          f"trains for it)\n"
+          f"  lctrain export {run} --out {shlex.quote(os.path.join(run_dir, 'model.safetensors'))}", flush=True)
 
 
 def cmd_tokenizer_train(args) -> int:
@@ -63,13 +82,39 @@ def cmd_info(args) -> int:
     print(f"model       {cfg.arch}  pattern={cfg.pattern} ffn={cfg.ffn_pattern}  layers={cfg.n_layers} d_model={cfg.d_model} vocab={cfg.vocab_size}")
     print(f"params      {info['params']:,} total, {info['non_embedding_params']:,} non-embedding, {info['active_params']:,} active per token")
     print(f"flops/token {info['flops_per_token']:.4g} (training, seq_len {L})")
-    print(f"state       {info['state_elements']:,} elements per sequence after {L} tokens "
-          f"({info['state_elements'] / L:,.1f} per token; recurrent layers: constant in length)")
+    print(f"state       {_describe_state(model, L)}")
     tokens = recipe.train.batch_size * recipe.train.grad_accum * recipe.train.seq_len
     print(f"tokens/step {tokens:,} per data-parallel rank; budget {tokens * recipe.train.steps:,} per rank")
     print("--- resolved recipe ---")
     print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
     return 0
+
+
+def _describe_state(model, seq_len: int) -> str:
+    """Decoding state per sequence, split into the part that is constant in length (recurrent states,
+    conv tails, sliding-window caches) and the part that grows (full-attention KV caches). A layer's kind
+    is read off its own `state_elements` at two long lengths, so every registered mixer is described
+    truthfully without a list of letters here."""
+    far = max(seq_len, 1 << 20)
+    const, grow = {}, {}
+    for b in model.layers:
+        mixer = b.mixer
+        n = mixer.state_elements(seq_len)
+        kind = grow if mixer.state_elements(2 * far) != mixer.state_elements(far) else const
+        kind.setdefault(mixer.letter, [0, 0])
+        kind[mixer.letter][0] += 1
+        kind[mixer.letter][1] += n
+    letters = lambda d: " ".join(f"{k}x{v[0]}" for k, v in d.items())
+    total_c, total_g = sum(v[1] for v in const.values()), sum(v[1] for v in grow.values())
+    parts = []
+    if const:
+        parts.append(f"{total_c:,} constant in length (recurrent / windowed layers {letters(const)})")
+    if grow:
+        parts.append(f"{total_g:,} KV cache growing with length, {total_g / seq_len:,.1f} per token "
+                     f"(attention layers {letters(grow)})")
+    if not parts:
+        return "none (no layer keeps decoding state)"
+    return f"{total_c + total_g:,} elements per sequence after {seq_len} tokens: " + " + ".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
