@@ -168,17 +168,30 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:
-        print(f"lctrain: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_error(f"lctrain: error: {e}", EXIT_USAGE)
     except (TokenizerError, CheckpointError, ValueError, RuntimeError, OSError) as e:
         if os.environ.get("LCTRAIN_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"lctrain: error: {msg}", file=sys.stderr)
-        return 1
+        return report_error(f"lctrain: error: {msg}", 1)
     except KeyboardInterrupt:
-        print("lctrain: interrupted", file=sys.stderr)
-        return 130
+        return report_error("lctrain: interrupted", 130)
+
+
+def report_error(line: str, code: int) -> int:
+    """Print the one-line error; a worker of `lctrain.train.launch` hands it to the launcher instead
+    (torchelastic's per-rank error file), which prints the first failing rank's line once, not N copies."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and os.environ.get("LCTRAIN_LAUNCHER"):
+        import time
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time()), "lctrain_time": time.time()}, f)
+            return code
+        except OSError:
+            pass
+    print(line, file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

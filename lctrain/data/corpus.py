@@ -55,6 +55,9 @@ def file_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
             with open(path, encoding="utf-8", errors="replace") as f:
                 yield path, f.read()
         return
+    # local files only: unless offline, datasets still asks the Hub / S3 about its packaged builders (DNS + HTTPS)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
     datasets.disable_progress_bars()
     builder = {"jsonl": "json", "parquet": "parquet"}[cfg.source]
