@@ -8,6 +8,8 @@ import sys
 
 import yaml
 
+from lctrain.schema import OneLineParser
+
 EXIT_USAGE = 2
 
 
@@ -118,7 +120,7 @@ def _describe_state(model, seq_len: int) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lctrain", description="Long-context pretraining of hybrid recurrent / attention / MoE language models.")
+    parser = OneLineParser(prog="lctrain", description="Long-context pretraining of hybrid recurrent / attention / MoE language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

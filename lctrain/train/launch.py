@@ -33,7 +33,7 @@ import shlex
 import sys
 from typing import Optional
 
-from lctrain.schema import ConfigError
+from lctrain.schema import ConfigError, OneLineParser
 
 EXIT_USAGE = 2
 
@@ -86,7 +86,7 @@ def _int(value, what: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lctrain.train.launch",
+    p = OneLineParser(prog="lctrain launch",
                                 description="Validate a recipe's layout, then start it with torchrun.")
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
