@@ -46,9 +46,9 @@ def _print_next_steps(run_dir: str, recipe) -> None:
     run = shlex.quote(run_dir)
     far = 16 * recipe.train.seq_len
     print(f"next steps:\n"
-          f"  lctrain eval length {run} --length {far}   # loss + recurrent-state statistics at 16x train.seq_len\n"
-          f"  lctrain eval passkey {run} --lengths 256,512,1k   # passkey retrieval (recipes/passkey-cpu.yaml "
-          f"trains for it)\n"
+          f"  lctrain eval length {run} --length {far} --samples 1   # loss + state statistics at 16x train.seq_len\n"
+          f"  lctrain eval passkey {run} --lengths 256,512,1k --samples 2   # passkey retrieval "
+          f"(recipes/passkey-cpu.yaml trains for it)\n"
           f"  lctrain export {run} --out {shlex.quote(os.path.join(run_dir, 'model.safetensors'))}", flush=True)
 
 
@@ -181,15 +181,17 @@ def main(argv=None) -> int:
 
 
 def report_error(line: str, code: int) -> int:
-    """Print the one-line error; a worker of `lctrain.train.launch` hands it to the launcher instead
-    (torchelastic's per-rank error file), which prints the first failing rank's line once, not N copies."""
+    """Print the one-line error. A worker of `lctrain.train.launch` also hands it to the launcher
+    (torchelastic's per-rank error file) and prints it only on global rank 0, so N ranks failing alike
+    show one line, and the launcher ends with the first failing rank's line and a summary."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path and os.environ.get("LCTRAIN_LAUNCHER"):
         import time
         try:
             with open(path, "w") as f:
                 json.dump({"message": line, "timestamp": int(time.time()), "lctrain_time": time.time()}, f)
-            return code
+            if os.environ.get("RANK", "0") != "0":
+                return code
         except OSError:
             pass
     print(line, file=sys.stderr, flush=True)

@@ -170,3 +170,22 @@ def test_quickstart_is_a_hybrid_of_our_mixers():
     r = load_recipe(os.path.join(ROOT, "recipes", "quickstart.yaml"))
     letters = set(r.model.pattern)
     assert {"M", "G", "W"} <= letters and "A" not in letters, r.model.pattern
+
+
+def test_the_printed_next_commands_run_on_a_small_hybrid(cache_dir, tmp_path, capsys):
+    """The commands printed after training work on a hybrid of M, G and W layers (their state rows have
+    different head counts: `eval length` used to fail on them)."""
+    d = tiny_recipe_dict(cache_dir, steps=2, val_every=0, seq_len=32)
+    d["model"] = {"arch": "transformer", "d_model": 64, "n_layers": 3, "pattern": "MGW",
+                  "mixers": {"mamba2": {"d_state": 16, "headdim": 16}, "gla": {"n_heads": 2}, "swa": {"n_heads": 4, "window": 16}}}
+    d["logging"] = {"wandb": "disabled", "progress": "off"}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    cmds = [line.split("#")[0].split()[1:] for line in out.splitlines() if line.startswith("  lctrain ")]
+    assert [c[:2] for c in cmds] == [["eval", "length"], ["eval", "passkey"], ["export", str(run)]], cmds
+    length = cmds[0] + ["--out", str(tmp_path / "eval")]
+    assert main(length) == 0
+    assert main(cmds[2]) == 0 and (run / "model.safetensors").is_file()

@@ -221,15 +221,19 @@ def _failure_summary(err) -> tuple[str, int]:
     first failure by the time the rank recorded it: the others are usually its consequences (a peer lost)."""
     failures = list(err.failures.items())
 
-    def when(item):     # a rank that lost its peer reports a consequence: the cause is the rank it lost
+    def when(item):
+        # consequences, not causes: a rank that lost its peer, and a rank torchrun's agent stopped (SIGTERM)
+        # because another one had failed
         rank, f = item
         data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
-        consequence = "lost the connection to another rank" in str(f.message)
+        consequence = ("lost the connection to another rank" in str(f.message)
+                       or (f.exitcode == -15 and not data.get("lctrain_time")))
         return consequence, data.get("lctrain_time") or f.timestamp, rank
 
     rank, f = min(failures, key=when)
     data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
-    msg = f.message if isinstance(f.message, str) and data.get("lctrain_time") else ""   # the rank's own line
+    # the rank's own line (rank 0 printed its own already)
+    msg = f.message if isinstance(f.message, str) and data.get("lctrain_time") and rank != 0 else ""
     if f.exitcode < 0:
         status, code = f"was killed by {f.signal_name()}", 128 - f.exitcode
     else:
