@@ -63,7 +63,8 @@ def cmd_tokenizer_train(args) -> int:
         if recipe.tokenizer.path:
             print(f"recipe uses an existing tokenizer: {tokenizer_path(recipe)}")
         tok = ensure_tokenizer(recipe)
-    print(json.dumps({"path": tok.path, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}))
+    from lctrain.train.metrics import json_line
+    print(json_line({"path": tok.path, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}))
     return 0
 
 

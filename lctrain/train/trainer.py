@@ -39,7 +39,7 @@ from lctrain.models import LanguageModel, SeqContext, build_model
 from lctrain.parallel import init_parallel
 from lctrain.schema import ConfigError
 from lctrain.train import checkpoint as ckpt
-from lctrain.train.launch import validate_layout
+from lctrain.train.launch import signal_name, validate_layout
 from lctrain.train.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
 from lctrain.train.optim import lr_at
 from lctrain.train.zero import autocast_for, build_engine, read_full_state
@@ -452,7 +452,7 @@ class Trainer:
                             self.save(engine, state)
                         status = "interrupted"
                         signum = stop.signum or int(float(totals[2]))      # the signal may have reached another rank
-                        self.log(f"interrupted by {_signal_name(signum)} at step {state.step}: checkpoint saved; "
+                        self.log(f"interrupted by {signal_name(signum)} at step {state.step}: checkpoint saved; "
                                  f"run the same command to resume")
                         break
             except TrainingError:
@@ -497,13 +497,6 @@ class Trainer:
                  f"train (to continue training, raise train.steps)")
         return {"status": "already_complete", "step": step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
                 "run_dir": self.run_dir}
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def train(recipe: Recipe, run_dir: Optional[str] = None, resume: str = "auto",
