@@ -5,8 +5,8 @@
   `socket.getaddrinfo` / `gethostbyname` / `gethostbyaddr` / `connect` / `bind`.
 - A two-process single-node launch listens on loopback only (every listening TCP socket of the launcher's
   process tree, read from /proc) and its Python code asks DNS for nothing (the same hook in every
-  process, through sitecustomize). torch's C++ TCPStore client still does one reverse lookup of
-  127.0.0.1 when it connects (not visible to the hook; see the launcher's docstring).
+  process, through sitecustomize). C++ lookups are invisible to the hook: under strace the same launch
+  sends no DNS query (the stores are files in a private directory, gloo uses `lo`).
 """
 import ipaddress
 import json

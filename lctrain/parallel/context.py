@@ -149,15 +149,23 @@ class ParallelContext:
 
 def _loopback_store(rank: int, world: int, timeout):
     """With MASTER_ADDR on loopback (one node), the TCPStore that init_process_group would create listens
-    on every interface; this one listens on the loopback address only. None otherwise (env:// as usual)."""
+    on every interface; this one listens on the loopback address only, and gloo uses the loopback device
+    (GLOO_SOCKET_IFNAME=lo unless set). Under the one-node launcher the store is a FileStore in its private
+    directory (LCTRAIN_STORE_DIR): torch's TCPStore client asks DNS for 127.0.0.1's name on every
+    connection attempt. None otherwise (env:// as usual)."""
     import ipaddress
     import socket
+    private = os.environ.get("LCTRAIN_STORE_DIR")    # the one-node launcher's private directory: no TCP at all
+    if private and os.path.isdir(private):
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return dist.FileStore(os.path.join(private, f"store-{attempt}-{os.environ['MASTER_PORT']}"), world)
     addr = os.environ["MASTER_ADDR"]
     try:
         if not ipaddress.ip_address(addr).is_loopback:
             return None
     except ValueError:
         return None                                   # a host name: the normal env:// store
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")      # gloo's pairs on loopback too, no host-name lookup
     port = int(os.environ["MASTER_PORT"])
     if rank != 0:
         return dist.TCPStore(addr, port, world, False, timeout)

@@ -10,8 +10,8 @@ Every option also comes from the environment (the command line wins): NPROC_PER_
 NODE_RANK, MASTER_ADDR, MASTER_PORT, RDZV_ID, MAX_RESTARTS, and under SLURM SLURM_NNODES,
 SLURM_NODEID, SLURM_GPUS_ON_NODE.
 
-- One node: like `torchrun --standalone --nproc-per-node N` (a private rendezvous on a free port), but
-  everything listens on 127.0.0.1 only and nothing resolves host names (no DNS).
+- One node: like `torchrun --standalone --nproc-per-node N`, without the network: the rendezvous and the
+  workers' store are files in a private directory, gloo listens on 127.0.0.1, nothing resolves a name.
 - Several nodes: `torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint MASTER_ADDR:MASTER_PORT
   --rdzv-id ID`; run the same command on every node (node 0, or the node that owns MASTER_ADDR,
   hosts the rendezvous store). Checkpoints must live on a filesystem all nodes share.
@@ -156,11 +156,12 @@ def plan(args) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--max-restarts", str(max_restarts)]
     if nnodes == 1:
-        # torchrun --standalone, but on loopback: the rendezvous store, the workers' store and gloo listen on
-        # 127.0.0.1 only (port 0: a free one), and nothing asks DNS for this host's name
+        # torchrun --standalone, but without the network: the c10d rendezvous keeps its store in a private
+        # file (store_type=file; an empty endpoint: a fresh mkstemp file, or our private directory's, see
+        # run_torchrun), the workers get MASTER_ADDR=127.0.0.1, and nothing asks DNS for this host's name
         import uuid
-        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{LOOPBACK}:0", "--rdzv-id", uuid.uuid4().hex[:12],
-                "--rdzv-conf", "is_host=1", "--local-addr", LOOPBACK]
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", "", "--rdzv-id", uuid.uuid4().hex[:12],
+                "--rdzv-conf", "store_type=file", "--local-addr", LOOPBACK]
     else:
         rdzv_id = args.rdzv_id or _env("RDZV_ID", "SLURM_JOB_ID") or recipe.name
         cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{addr}:{port}",
@@ -180,26 +181,10 @@ def plan(args) -> list[str]:
 LOOPBACK = "127.0.0.1"
 
 
-def _bind_to_loopback() -> None:
-    """Single node: make this process's torchrun agent stay on loopback. Its c10d rendezvous store (a
-    TCPStore, which binds every interface by default) listens on a socket we bind to 127.0.0.1, and
-    `socket.getfqdn` (which torchrun calls for event records and node names: a DNS query) returns the
-    plain host name."""
+def _no_fqdn() -> None:
+    """Single node: torchrun's agent calls `socket.getfqdn` (a DNS query) only to label its event records
+    and error reports with the host name; the plain host name does that without the network."""
     import socket
-
-    from torch.distributed import TCPStore
-    from torch.distributed.elastic.rendezvous import c10d_rendezvous_backend as c10d
-
-    def loopback_store(host, port, *a, is_master=False, **kw):
-        if is_master and host == LOOPBACK and "master_listen_fd" not in kw:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((LOOPBACK, port))
-            sock.listen(128)
-            port, kw["master_listen_fd"] = sock.getsockname()[1], sock.detach()   # the store owns the fd now
-        return TCPStore(host, port, *a, is_master=is_master, **kw)
-
-    c10d.TCPStore = loopback_store
     socket.getfqdn = lambda name="": name or socket.gethostname()
 
 
@@ -251,9 +236,16 @@ def run_torchrun(cmd: list[str], loopback: bool) -> int:
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    private = None
     if loopback:
-        _bind_to_loopback()
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")      # gloo: the loopback device, no host-name lookup
+        import tempfile
+        _no_fqdn()
+        # mode 0700, removed at the end: the rendezvous file and the workers' FileStore (their own TCPStore
+        # would listen on every interface, and torch's TCPStore client asks DNS for 127.0.0.1's name)
+        private = tempfile.mkdtemp(prefix="lctrain-store-")
+        os.environ["LCTRAIN_STORE_DIR"] = private
+        cmd = list(cmd)
+        cmd[cmd.index("--rdzv-endpoint") + 1] = os.path.join(private, "rendezvous")
     os.environ["LCTRAIN_LAUNCHER"] = "1"       # workers report their one-line errors to us (error files)
     try:
         torchrun.run(torchrun.parse_args(cmd[3:]))
@@ -264,6 +256,10 @@ def run_torchrun(cmd: list[str], loopback: bool) -> int:
     except SignalException as e:
         print(f"lctrain launch: stopped by {signal_name(e.sigval)}", file=sys.stderr, flush=True)
         return 128 + int(e.sigval)
+    finally:
+        if private:
+            import shutil
+            shutil.rmtree(private, ignore_errors=True)
     return 0
 
 
