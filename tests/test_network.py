@@ -146,9 +146,12 @@ def test_single_node_launch_listens_on_loopback_only(tmp_path):
     log = tmp_path / "net.jsonl"
     env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'hook'}{os.pathsep}{ROOT}", "NET_AUDIT_LOG": str(log)}
     env.pop("GLOO_SOCKET_IFNAME", None)
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "launch", "single_node.sh"), str(recipe), "--nproc-per-node", "2",
-                             "--run-dir", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=ROOT)
+    cmd = ["bash", os.path.join(ROOT, "launch", "single_node.sh"), str(recipe), "--nproc-per-node", "2",
+           "--run-dir", str(tmp_path / "run")]
+    trace = tmp_path / "strace.txt"
+    if _strace_works():          # C++ too (TCPStore, gloo): every connect / bind of every process
+        cmd = ["strace", "-f", "-e", "trace=connect,bind", "-o", str(trace)] + cmd
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     seen, stop = set(), threading.Event()
 
     def poll():
@@ -170,3 +173,18 @@ def test_single_node_launch_listens_on_loopback_only(tmp_path):
     assert seen, "no listening socket observed (the rendezvous store listens for the whole run)"
     assert all(ipaddress.ip_address(a).is_loopback or a.startswith("::ffff:127.") for a in seen), seen
     _assert_local(_events(log))
+    if trace.exists():
+        calls = [line for line in trace.read_text().splitlines() if "sa_family=AF_INET" in line]
+        assert calls, "strace saw no TCP socket (gloo connects its ranks over loopback)"
+        assert not [c for c in calls if "htons(53)" in c], "a DNS query"
+        assert all("127.0.0.1" in c for c in calls), [c for c in calls if "127.0.0.1" not in c][:3]
+
+
+def _strace_works() -> bool:
+    import shutil
+    if not shutil.which("strace"):
+        return False
+    try:
+        return subprocess.run(["strace", "-f", "-o", os.devnull, "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
