@@ -170,6 +170,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:           # `lctrain info R | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ConfigError as e:
         return report_error(f"lctrain: error: {e}", EXIT_USAGE)
     except (TokenizerError, CheckpointError, ValueError, RuntimeError, OSError) as e:
