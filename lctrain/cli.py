@@ -8,6 +8,8 @@ import sys
 
 import yaml
 
+from lctrain.schema import OneLineParser
+
 EXIT_USAGE = 2
 
 
@@ -23,12 +25,31 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    """Exit status: 0 completed (or already complete); after SIGINT / SIGTERM, once the checkpoint is
+    saved, 128 + the signal number (130 / 143), the shell convention for a run stopped by a signal."""
+    from lctrain.train.metrics import json_line
     from lctrain.train.trainer import train
     recipe = _load(args)
     result = train(recipe, run_dir=args.run_dir, resume=args.resume, fresh=args.fresh)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: result[k] for k in ("status", "step", "loss", "val_loss", "run_dir")}))
+        print(json_line({k: result.get(k) for k in ("status", "step", "loss", "val_loss", "run_dir")}), flush=True)
+        if result["status"] in ("completed", "already_complete"):
+            _print_next_steps(result["run_dir"], recipe)
+    if result["status"] == "interrupted":
+        return 128 + (result.get("signal") or 2)
     return 0
+
+
+def _print_next_steps(run_dir: str, recipe) -> None:
+    """What a person does with a finished run: the long-context evaluations and the export."""
+    import shlex
+    run = shlex.quote(run_dir)
+    far = 16 * recipe.train.seq_len
+    print(f"next steps:\n"
+          f"  lctrain eval length {run} --length {far} --samples 1   # loss + state statistics at 16x train.seq_len\n"
+          f"  lctrain eval passkey {run} --lengths 256,512,1k --samples 2   # passkey retrieval "
+          f"(recipes/passkey-cpu.yaml trains for it)\n"
+          f"  lctrain export {run} --out {shlex.quote(os.path.join(run_dir, 'model.safetensors'))}", flush=True)
 
 
 def cmd_tokenizer_train(args) -> int:
@@ -42,7 +63,8 @@ def cmd_tokenizer_train(args) -> int:
         if recipe.tokenizer.path:
             print(f"recipe uses an existing tokenizer: {tokenizer_path(recipe)}")
         tok = ensure_tokenizer(recipe)
-    print(json.dumps({"path": tok.path, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}))
+    from lctrain.train.metrics import json_line
+    print(json_line({"path": tok.path, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id}))
     return 0
 
 
@@ -63,8 +85,7 @@ def cmd_info(args) -> int:
     print(f"model       {cfg.arch}  pattern={cfg.pattern} ffn={cfg.ffn_pattern}  layers={cfg.n_layers} d_model={cfg.d_model} vocab={cfg.vocab_size}")
     print(f"params      {info['params']:,} total, {info['non_embedding_params']:,} non-embedding, {info['active_params']:,} active per token")
     print(f"flops/token {info['flops_per_token']:.4g} (training, seq_len {L})")
-    print(f"state       {info['state_elements']:,} elements per sequence after {L} tokens "
-          f"({info['state_elements'] / L:,.1f} per token; recurrent layers: constant in length)")
+    print(f"state       {_describe_state(model, L)}")
     tokens = recipe.train.batch_size * recipe.train.grad_accum * recipe.train.seq_len
     print(f"tokens/step {tokens:,} per data-parallel rank; budget {tokens * recipe.train.steps:,} per rank")
     print("--- resolved recipe ---")
@@ -72,8 +93,35 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _describe_state(model, seq_len: int) -> str:
+    """Decoding state per sequence, split into the part that is constant in length (recurrent states,
+    conv tails, sliding-window caches) and the part that grows (full-attention KV caches). A layer's kind
+    is read off its own `state_elements` at two long lengths, so every registered mixer is described
+    truthfully without a list of letters here."""
+    far = max(seq_len, 1 << 20)
+    const, grow = {}, {}
+    for b in model.layers:
+        mixer = b.mixer
+        n = mixer.state_elements(seq_len)
+        kind = grow if mixer.state_elements(2 * far) != mixer.state_elements(far) else const
+        kind.setdefault(mixer.letter, [0, 0])
+        kind[mixer.letter][0] += 1
+        kind[mixer.letter][1] += n
+    letters = lambda d: " ".join(f"{k}x{v[0]}" for k, v in d.items())
+    total_c, total_g = sum(v[1] for v in const.values()), sum(v[1] for v in grow.values())
+    parts = []
+    if const:
+        parts.append(f"{total_c:,} constant in length (recurrent / windowed layers {letters(const)})")
+    if grow:
+        parts.append(f"{total_g:,} KV cache growing with length, {total_g / seq_len:,.1f} per token "
+                     f"(attention layers {letters(grow)})")
+    if not parts:
+        return "none (no layer keeps decoding state)"
+    return f"{total_c + total_g:,} elements per sequence after {seq_len} tokens: " + " + ".join(parts)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lctrain", description="Long-context pretraining of hybrid recurrent / attention / MoE language models.")
+    parser = OneLineParser(prog="lctrain", description="Long-context pretraining of hybrid recurrent / attention / MoE language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -125,18 +173,36 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:           # `lctrain info R | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ConfigError as e:
-        print(f"lctrain: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_error(f"lctrain: error: {e}", EXIT_USAGE)
     except (TokenizerError, CheckpointError, ValueError, RuntimeError, OSError) as e:
         if os.environ.get("LCTRAIN_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"lctrain: error: {msg}", file=sys.stderr)
-        return 1
+        return report_error(f"lctrain: error: {msg}", 1)
     except KeyboardInterrupt:
-        print("lctrain: interrupted", file=sys.stderr)
-        return 130
+        return report_error("lctrain: interrupted", 130)
+
+
+def report_error(line: str, code: int) -> int:
+    """Print the one-line error. A worker of `lctrain.train.launch` also hands it to the launcher
+    (torchelastic's per-rank error file) and prints it only on global rank 0, so N ranks failing alike
+    show one line, and the launcher ends with the first failing rank's line and a summary."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path and os.environ.get("LCTRAIN_LAUNCHER"):
+        import time
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": line, "timestamp": int(time.time()), "lctrain_time": time.time()}, f)
+            if os.environ.get("RANK", "0") != "0":
+                return code
+        except OSError:
+            pass
+    print(line, file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -273,6 +273,11 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[parts[-1]] = parsed
 
 
+# Sections a recipe file must spell out (defaults exist for everything else).
+REQUIRED_SECTIONS = {"model": "model to train (e.g. model: {arch: gla})",
+                     "data": "data to train on (e.g. data: {source: builtin, max_bytes: 12000000})"}
+
+
 def load_recipe_dict(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError("recipe", f"file not found: {path}")
@@ -283,10 +288,14 @@ def load_recipe_dict(path: str) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError("recipe", f"invalid YAML in {path}{where}: {getattr(e, 'problem', e)}") from None
-    if raw is None:
-        raw = {}
+    if raw is None:           # an empty file, or only comments: not "all defaults" (a 100-step run on everything)
+        raise ConfigError("recipe", f"{path} is empty: a recipe needs at least {' and '.join(REQUIRED_SECTIONS)} "
+                                    f"sections (see recipes/quickstart.yaml)")
     if not isinstance(raw, dict):
-        raise ConfigError("recipe", f"{path} must hold a mapping at the top level")
+        raise ConfigError("recipe", f"{path} must hold a mapping at the top level, got {type(raw).__name__}")
+    for key in REQUIRED_SECTIONS:
+        if raw.get(key) in (None, {}):
+            raise ConfigError(key, f"missing from {path}: a recipe must say which {REQUIRED_SECTIONS[key]}")
     return raw
 
 

@@ -5,8 +5,10 @@ A dataclass may define `validate(self, path)` to check values; it raises `Config
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -18,6 +20,15 @@ class ConfigError(ValueError):
     def __init__(self, path: str, message: str):
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (a missing argument, an unknown flag) as one line `PROG: error: ...` and
+    exit status 2, like a bad recipe field, instead of a usage block. Subcommand parsers inherit it."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (--help lists the options)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def fail(path: str, message: str):

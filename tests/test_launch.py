@@ -56,7 +56,9 @@ def test_commands_single_multi_node_and_slurm(tmp_path):
                      "--set", "parallel.zero_stage=2", "--dry-run", timeout=120)
     assert res.returncode == 0, res.stderr
     cmd = res.stdout.split()
-    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in cmd
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" not in cmd
+    # one node: a c10d rendezvous in a private file (no TCP store), the workers' MASTER_ADDR on loopback
+    assert cmd[cmd.index("--rdzv-conf") + 1] == "store_type=file" and cmd[cmd.index("--local-addr") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--nproc-per-node") + 1] == "2" and cmd[cmd.index("--max-restarts") + 1] == "3"
     assert cmd[cmd.index("-m", 3):][:4] == ["-m", "lctrain.train.worker", "train", recipe_path]
     assert cmd[-2:] == ["--set", "parallel.zero_stage=2"]

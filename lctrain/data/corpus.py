@@ -80,6 +80,9 @@ def _utf8(raw: bytes, path: str) -> str:
 
 
 def _table_documents(cfg: DataConfig, path: str, counter) -> Iterator[tuple[str, str]]:
+    # local files only: unless offline, datasets still asks the Hub / S3 about its packaged builders (DNS + HTTPS)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import datasets
     datasets.disable_progress_bars()
     builder = {"jsonl": "json", "parquet": "parquet"}[cfg.source]

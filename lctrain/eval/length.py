@@ -209,7 +209,8 @@ def _summary(res: dict, edges: list[int], train_len: int) -> dict:
     last = next((res["loss"][i] for i in reversed(range(nb)) if res["loss"][i] is not None), None)
     out = {"loss_within_train_len": mean(inside), "loss_beyond_train_len": mean(beyond), "loss_last_bucket": last}
     if res["state"]:
-        norms = np.array([[x if x is not None else np.inf for x in row] for L in res["state"] for row in L["norm"]])
+        # flat: layers of a hybrid have different head counts (ragged rows)
+        norms = np.array([x if x is not None else np.inf for L in res["state"] for row in L["norm"] for x in row])
         out["max_state_norm"] = _num(norms.max()) if norms.size else None
     return out
 

@@ -159,7 +159,7 @@ def run_study(study: Study, out_dir: Optional[str] = None, log: Callable[[str], 
         run_dir = os.path.join(out, "runs", run.name)
         log(f"=== {run.name}: training ({' '.join(run.set) or 'base recipe'}) -> {run_dir}")
         trained = _train(study, run, run_dir, log)
-        if trained["status"] != "completed":
+        if trained["status"] not in ("completed", "already_complete"):      # a rerun: finished runs train nothing
             log(f"=== {run.name}: training {trained['status']} at step {trained['step']}; stopping the study "
                 "(run the same command to resume)")
             return ""

@@ -147,6 +147,36 @@ class ParallelContext:
         self._owns_pg = False
 
 
+def _loopback_store(rank: int, world: int, timeout):
+    """With MASTER_ADDR on loopback (one node), the TCPStore that init_process_group would create listens
+    on every interface; this one listens on the loopback address only, and gloo uses the loopback device
+    (GLOO_SOCKET_IFNAME=lo unless set). Under the one-node launcher the store is a FileStore in its private
+    directory (LCTRAIN_STORE_DIR): torch's TCPStore client asks DNS for 127.0.0.1's name on every
+    connection attempt. None otherwise (env:// as usual)."""
+    import ipaddress
+    import socket
+    private = os.environ.get("LCTRAIN_STORE_DIR")    # the one-node launcher's private directory: no TCP at all
+    if private and os.path.isdir(private):
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return dist.FileStore(os.path.join(private, f"store-{attempt}-{os.environ['MASTER_PORT']}"), world)
+    addr = os.environ["MASTER_ADDR"]
+    try:
+        if not ipaddress.ip_address(addr).is_loopback:
+            return None
+    except ValueError:
+        return None                                   # a host name: the normal env:// store
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")      # gloo's pairs on loopback too, no host-name lookup
+    port = int(os.environ["MASTER_PORT"])
+    if rank != 0:
+        return dist.TCPStore(addr, port, world, False, timeout)
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((addr, port))
+    sock.listen(128)
+    return dist.TCPStore(addr, port, world, True, timeout, master_listen_fd=sock.detach())
+
+
 def init_parallel(cfg, device_type: str = "cpu") -> ParallelContext:
     """Process groups and device for this process, from torchrun's environment
     (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and `cfg` (a `ParallelConfig`).
@@ -204,7 +234,8 @@ def init_parallel(cfg, device_type: str = "cpu") -> ParallelContext:
         for var in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(var):
                 raise ValueError(f"WORLD_SIZE={world} but {var} is not set (launch with torchrun)")
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                store=_loopback_store(rank, world, timeout))
         owns = True
 
     from torch.distributed.device_mesh import init_device_mesh

@@ -10,7 +10,8 @@ Every option also comes from the environment (the command line wins): NPROC_PER_
 NODE_RANK, MASTER_ADDR, MASTER_PORT, RDZV_ID, MAX_RESTARTS, and under SLURM SLURM_NNODES,
 SLURM_NODEID, SLURM_GPUS_ON_NODE.
 
-- One node: `torchrun --standalone --nproc-per-node N` (a private rendezvous on a free port).
+- One node: like `torchrun --standalone --nproc-per-node N`, without the network: the rendezvous and the
+  workers' store are files in a private directory, gloo listens on 127.0.0.1, nothing resolves a name.
 - Several nodes: `torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint MASTER_ADDR:MASTER_PORT
   --rdzv-id ID`; run the same command on every node (node 0, or the node that owns MASTER_ADDR,
   hosts the rendezvous store). Checkpoints must live on a filesystem all nodes share.
@@ -19,7 +20,10 @@ SLURM_NODEID, SLURM_GPUS_ON_NODE.
   The launcher sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with torch 2.13's default (workers share
   the rendezvous agent's store), a restarted gloo group reads the dead attempt's addresses and fails.
 
-Bad input fails here with one line naming the problem, before torchrun or any worker starts.
+Bad input fails here with one line naming the problem, before torchrun or any worker starts. torchrun
+runs in this process: when a rank fails, the output ends with that rank's own one-line error and one
+summary line (`lctrain launch: rank R exited with status S ...`), the exit status is the rank's, and
+torchrun's ChildFailedError traceback is not printed.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import shlex
 import sys
 from typing import Optional
 
-from lctrain.schema import ConfigError
+from lctrain.schema import ConfigError, OneLineParser
 
 EXIT_USAGE = 2
 
@@ -82,7 +86,7 @@ def _int(value, what: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lctrain.train.launch",
+    p = OneLineParser(prog="lctrain launch",
                                 description="Validate a recipe's layout, then start it with torchrun.")
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -153,7 +157,12 @@ def plan(args) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--max-restarts", str(max_restarts)]
     if nnodes == 1:
-        cmd += ["--standalone"]
+        # torchrun --standalone, but without the network: the c10d rendezvous keeps its store in a private
+        # file (store_type=file; an empty endpoint: a fresh mkstemp file, or our private directory's, see
+        # run_torchrun), the workers get MASTER_ADDR=127.0.0.1, and nothing asks DNS for this host's name
+        import uuid
+        cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", "", "--rdzv-id", uuid.uuid4().hex[:12],
+                "--rdzv-conf", "store_type=file", "--local-addr", LOOPBACK]
     else:
         rdzv_id = args.rdzv_id or _env("RDZV_ID", "SLURM_JOB_ID") or recipe.name
         cmd += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{addr}:{port}",
@@ -170,6 +179,99 @@ def plan(args) -> list[str]:
     for o in args.overrides:
         cmd += ["--set", o]
     return cmd
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def _no_fqdn() -> None:
+    """Single node: torchrun's agent calls `socket.getfqdn` (a DNS query) only to label its event records
+    and error reports with the host name; the plain host name does that without the network."""
+    import socket
+    socket.getfqdn = lambda name="": name or socket.gethostname()
+
+
+def _quiet_torchrun() -> None:
+    """torchrun's own logging (banners, 'sending SIGTERM', the failure table) is replaced by our summary."""
+    import logging
+    if os.environ.get("LCTRAIN_DEBUG") or os.environ.get("LOGLEVEL"):
+        return
+    os.environ["LOGLEVEL"] = "CRITICAL"          # elastic's loggers read it when their modules are imported
+    import torch.distributed.run  # noqa: F401
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    del os.environ["LOGLEVEL"]
+
+
+def _failure_summary(err) -> tuple[str, int]:
+    """The failing rank's own one-line error (from its torchelastic error file) and the exit status. The
+    first failure by the time the rank recorded it: the others are usually its consequences (a peer lost)."""
+    failures = list(err.failures.items())
+
+    def when(item):
+        # consequences, not causes: a rank that lost its peer, and a rank torchrun's agent stopped (SIGTERM)
+        # because another one had failed
+        rank, f = item
+        data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
+        consequence = ("lost the connection to another rank" in str(f.message)
+                       or (f.exitcode == -15 and not data.get("lctrain_time")))
+        return consequence, data.get("lctrain_time") or f.timestamp, rank
+
+    rank, f = min(failures, key=when)
+    data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
+    # the rank's own line (rank 0 printed its own already)
+    msg = f.message if isinstance(f.message, str) and data.get("lctrain_time") and rank != 0 else ""
+    if f.exitcode < 0:
+        status, code = f"was killed by {f.signal_name()}", 128 - f.exitcode
+    else:
+        status, code = f"exited with status {f.exitcode}", f.exitcode or 1
+    others = f" (the first of {len(failures)} failed ranks)" if len(failures) > 1 else ""
+    summary = f"lctrain launch: rank {rank} {status}{others}; the run stopped"
+    return (msg + "\n" if msg else "") + summary, code
+
+
+def run_torchrun(cmd: list[str], loopback: bool) -> int:
+    """Run torchrun (`cmd` = python -m torch.distributed.run ARGS) in this process: on failure, print
+    the failing rank's one-line error and one summary line instead of torchrun's ChildFailedError
+    traceback; exit with that rank's status (128 + N for a signal)."""
+    _quiet_torchrun()
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    private = None
+    if loopback:
+        import tempfile
+        _no_fqdn()
+        # mode 0700, removed at the end: the rendezvous file and the workers' FileStore (their own TCPStore
+        # would listen on every interface, and torch's TCPStore client asks DNS for 127.0.0.1's name)
+        private = tempfile.mkdtemp(prefix="lctrain-store-")
+        os.environ["LCTRAIN_STORE_DIR"] = private
+        cmd = list(cmd)
+        cmd[cmd.index("--rdzv-endpoint") + 1] = os.path.join(private, "rendezvous")
+    os.environ["LCTRAIN_LAUNCHER"] = "1"       # workers report their one-line errors to us (error files)
+    try:
+        torchrun.run(torchrun.parse_args(cmd[3:]))
+    except ChildFailedError as e:
+        text, code = _failure_summary(e)
+        print(text, file=sys.stderr, flush=True)
+        return code
+    except SignalException as e:
+        print(f"lctrain launch: stopped by {signal_name(e.sigval)}", file=sys.stderr, flush=True)
+        return 128 + int(e.sigval)
+    finally:
+        if private:
+            import shutil
+            shutil.rmtree(private, ignore_errors=True)
+    return 0
+
+
+def signal_name(signum) -> str:
+    import signal
+    try:
+        return signal.Signals(int(signum)).name
+    except ValueError:
+        return f"signal {int(signum)}"
 
 
 def main(argv=None) -> int:
@@ -190,10 +292,9 @@ def main(argv=None) -> int:
     # with the dead attempt's keys: gloo then connects to the dead ranks' addresses and the restart
     # fails. Without sharing, every attempt gets a fresh store on a fresh port.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(cmd[0], cmd)
-    return 1  # not reached
+    if int(cmd[cmd.index("--nproc-per-node") + 1]) > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets for N > 1 workers, without its banner
+    return run_torchrun(cmd, loopback="--local-addr" in cmd and cmd[cmd.index("--local-addr") + 1] == LOOPBACK)
 
 
 if __name__ == "__main__":

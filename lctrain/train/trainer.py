@@ -48,7 +48,7 @@ from lctrain.models import LanguageModel, SeqContext, build_model
 from lctrain.parallel import init_parallel
 from lctrain.schema import ConfigError
 from lctrain.train import checkpoint as ckpt
-from lctrain.train.launch import validate_layout
+from lctrain.train.launch import signal_name, validate_layout
 from lctrain.train.metrics import MetricsLogger, device_peak_flops, peak_memory_bytes
 from lctrain.train import rundir
 from lctrain.train.optim import lr_at, steps_change_problem, wsd_decay_start
@@ -137,7 +137,7 @@ def _fault_injection() -> Optional[tuple]:
 
 class Trainer:
     def __init__(self, recipe: Recipe, run_dir: Optional[str] = None, resume: str = "auto",
-                 log: Callable[[str], None] = print, fresh: bool = False):
+                 log: Optional[Callable[[str], None]] = None, fresh: bool = False):
         self.recipe = recipe
         self.run_dir = run_dir or recipe.run_dir
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) and (fresh or resume == "never"):
@@ -158,15 +158,22 @@ class Trainer:
         validate_layout(recipe, world)
         self._fault = _fault_injection()
         self.pc = init_parallel(recipe.parallel, self.device.type)
-        self._log = log
+        self._log = log                  # None: flushed lines on stdout, through the progress bar if drawn
+        self._metrics: Optional[MetricsLogger] = None
         t = recipe.train
         self.global_batch = t.batch_size * t.grad_accum * self.pc.dp_size     # sequences per step
         self.tokens_per_step = self.global_batch * t.seq_len
         self.engine = None
 
     def log(self, msg: str):
-        if self.pc.is_main:
+        if not self.pc.is_main:
+            return
+        if self._metrics is not None:
+            self._metrics.write(msg)
+        elif self._log is not None:
             self._log(msg)
+        else:
+            print(msg, flush=True)
 
     # --- setup ----------------------------------------------------------------------------------
     def _prepare_data(self) -> PreparedData:
@@ -489,6 +496,10 @@ class Trainer:
         source, plan = self.pc.broadcast_object(plan)
         if source and not plan.get("verified"):
             self.log(f"checkpoint {source} has no manifest (written by an older lctrain): its content is not verified")
+        if source:
+            step = int(ckpt.read_state(source)["step"])
+            if step >= t.steps:
+                return self._already_complete(source, step)
         data = self._prepare_data()
         model = self._build_model(data.tokenizer.vocab_size)
         if source:
@@ -529,7 +540,8 @@ class Trainer:
                 first_extra["rolled_back_steps"] = sorted(set(rolled_back))
                 self.log(f"steps {min(rolled_back)}..{max(rolled_back)} after the last checkpoint are redone "
                          f"(their records moved to metrics.rolled_back.jsonl)")
-        metrics = MetricsLogger(self.run_dir, r, self.pc.is_main, t.steps, state.step)
+        metrics = MetricsLogger(self.run_dir, r, self.pc.is_main, t.steps, state.step, emit=self._log)
+        self._metrics = metrics
         peak = device_peak_flops(self.device)
         mb, dp = t.batch_size, self.pc.dp_size
         last_val = None
@@ -599,11 +611,7 @@ class Trainer:
                         rec.update(first_extra)
                         first_extra = {}
                         metrics.log(rec)
-                        metrics.progress(state.step, step_loss, tps)
-                        if not metrics.bar:
-                            self.log(f"step {state.step}/{t.steps} loss {step_loss:.4f} lr {lr:.2e} "
-                                     f"grad_norm {grad_norm:.3f} {tps:,.0f} tok/s"
-                                     + (f" val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""))
+                        metrics.progress(rec)
                     every = r.checkpoint.every
                     decay_start = r.optim.schedule == "wsd" and state.step == wsd_decay_start(t.steps, r.optim)
                     if (every and state.step % every == 0) or is_last or decay_start:
@@ -613,7 +621,9 @@ class Trainer:
                         if saved_at != state.step:
                             self.save(engine, state)
                         status = "interrupted"
-                        self.log(f"interrupted by signal at step {state.step}: checkpoint saved; run the same command to resume")
+                        signum = stop.signum or int(float(totals[2]))      # the signal may have reached another rank
+                        self.log(f"interrupted by {signal_name(signum)} at step {state.step}: checkpoint saved; "
+                                 f"run the same command to resume")
                         break
             except TrainingError:
                 raise
@@ -631,12 +641,36 @@ class Trainer:
                         f"was killed); the last checkpoint is kept ({detail})") from None
                 raise
         metrics.close()
-        return {"status": status, "step": state.step, "loss": step_loss if state.step else None,
-                "val_loss": last_val, "run_dir": self.run_dir, **info}
+        self._metrics = None
+        out = {"status": status, "step": state.step, "loss": step_loss if state.step else None,
+               "val_loss": last_val, "run_dir": self.run_dir, **info}
+        if status == "interrupted":
+            out["signal"] = signum
+        return out
+
+    def _already_complete(self, source: str, step: int) -> dict:
+        """A rerun of a finished run: nothing to train, nothing written; the last logged losses."""
+        t = self.recipe.train
+        last = {}
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        if self.pc.is_main and os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(rec, dict) and rec.get("step") == step:
+                        last.update(rec)
+        more = ("" if step == t.steps else f" (train.steps={t.steps} is below the checkpoint's step)")
+        self.log(f"run already complete: {self.run_dir} is at step {step}{more}, checkpoint {source}; nothing to "
+                 f"train (to continue training, raise train.steps)")
+        return {"status": "already_complete", "step": step, "loss": last.get("loss"), "val_loss": last.get("val_loss"),
+                "run_dir": self.run_dir}
 
 
 def train(recipe: Recipe, run_dir: Optional[str] = None, resume: str = "auto",
-          log: Callable[[str], None] = print, fresh: bool = False) -> dict:
+          log: Optional[Callable[[str], None]] = None, fresh: bool = False) -> dict:
     """Train (or resume) `recipe` in `run_dir`; `fresh`: start from step 0, moving an existing run's
     contents to RUN/superseded/<time>/ (module docstring: start-up order and checks)."""
     trainer = Trainer(recipe, run_dir, resume, log, fresh)

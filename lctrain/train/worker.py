@@ -16,8 +16,12 @@ def main(argv=None) -> int:
         code = cli_main(argv if argv is not None else sys.argv[1:])
     except SystemExit as e:           # argparse errors
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as e:
+        traceback.print_exc()           # a bug: the whole traceback, and its last line for the launcher
+        from lctrain.cli import report_error
+        if os.environ.get("LCTRAIN_LAUNCHER"):
+            report_error(f"lctrain: error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                         f" (traceback above)", 1)
         code = 1
     try:
         import torch.distributed as dist
