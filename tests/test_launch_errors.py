@@ -1,6 +1,8 @@
 """A failing rank under the launch scripts (issue 14, item 13): the output ends with the failing rank's own
 one-line error and one summary line naming the rank and its status; no torchrun ChildFailedError
 traceback or failure table; the launcher exits with the rank's status."""
+import re
+
 import pytest
 
 from tests.zero_utils import launcher_env, run_launch, write_recipe
@@ -21,7 +23,8 @@ def test_every_rank_failing_alike_gives_one_error_and_a_summary(tmp_path):
     assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr
     lines = _lines(res.stderr)
     assert lines[0].startswith("lctrain: error: LCTRAIN_FAULT: expected kill:STEP:RANK"), lines
-    assert len(lines) == 2 and lines[1].startswith("lctrain launch: rank 0 exited with status 2"), lines
+    assert len(lines) == 2, lines          # whichever rank failed first: the same error is not repeated
+    assert re.match(r"lctrain launch: rank [01] exited with status 2", lines[1]), lines
 
 
 def test_a_killed_rank_is_named_in_the_summary(tmp_path):

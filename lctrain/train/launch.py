@@ -220,8 +220,10 @@ def _failure_summary(err) -> tuple[str, int]:
 
     rank, f = min(failures, key=when)
     data = f.error_file_data if isinstance(f.error_file_data, dict) else {}
-    # the rank's own line (rank 0 printed its own already)
-    msg = f.message if isinstance(f.message, str) and data.get("lctrain_time") and rank != 0 else ""
+    # the rank's own line, unless rank 0 printed it (its own, or the same error)
+    printed = {g.message for r, g in failures
+               if r == 0 and isinstance(g.error_file_data, dict) and g.error_file_data.get("lctrain_time")}
+    msg = f.message if isinstance(f.message, str) and data.get("lctrain_time") and f.message not in printed else ""
     if f.exitcode < 0:
         status, code = f"was killed by {f.signal_name()}", 128 - f.exitcode
     else:
