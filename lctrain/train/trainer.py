@@ -194,9 +194,7 @@ class Trainer:
         if not self.pc.is_main:
             return
         os.makedirs(self.run_dir, exist_ok=True)
-        stale = ckpt.clean_stale(self.run_dir)
-        if stale:
-            self.log(f"removed {len(stale)} leftover(s) of killed saves/prunes/conversions: {', '.join(stale)}")
+        self._clean_leftovers()
         if plan.get("move_all"):
             dest = rundir.move_aside(self.run_dir)
             self.log(f"--fresh: the previous contents of {self.run_dir} moved to {dest}")
@@ -209,6 +207,12 @@ class Trainer:
         dst = os.path.join(self.run_dir, "tokenizer.model")
         if os.path.abspath(data.tokenizer.path) != os.path.abspath(dst):
             shutil.copyfile(data.tokenizer.path, dst)
+
+    def _clean_leftovers(self):
+        """Rank 0, holding the lock: remove what killed saves, prunes and conversions left behind."""
+        stale = ckpt.clean_stale(self.run_dir)
+        if stale:
+            self.log(f"removed {len(stale)} leftover(s) of killed saves/prunes/conversions: {', '.join(stale)}")
 
     def _build_model(self, vocab: int) -> LanguageModel:
         cfg = self.recipe.model
@@ -496,14 +500,15 @@ class Trainer:
         source, plan = self.pc.broadcast_object(plan)
         if source and not plan.get("verified"):
             self.log(f"checkpoint {source} has no manifest (written by an older lctrain): its content is not verified")
-        if source:
-            step = int(ckpt.read_state(source)["step"])
-            if step >= t.steps:
-                return self._already_complete(source, step)
         data = self._prepare_data()
         model = self._build_model(data.tokenizer.vocab_size)
         if source:
             self._check_shapes(source, model)
+            step = int(ckpt.read_state(source)["step"])
+            if step >= t.steps:        # every check passed: a rerun of a finished run trains nothing
+                if self.pc.is_main:
+                    self._clean_leftovers()
+                return self._already_complete(source, step)
         elif t.init_from:                     # continued pretraining: source weights, fresh optimizer
             from lctrain.interop.init import load_init_weights      # (a mismatch fails before the run dir is touched)
             self.log(f"initialized from {load_init_weights(model, t.init_from)} (fresh optimizer)")
