@@ -120,3 +120,37 @@ class LocalOps:
 
 
 LOCAL_OPS = LocalOps()
+
+
+class EagerOps:
+    """The sequence ops of `ops`, run eagerly from inside `torch.compile`d blocks (each call is a graph
+    break): the chunk scan's Python loop over chunks would be unrolled into the graph, and collectives
+    (sequence parallelism) stay outside it. Everything between two ops is compiled and fused."""
+
+    def __init__(self, ops: LocalOps):
+        self.ops = ops
+        self.sp_size, self.sp_rank = ops.sp_size, ops.sp_rank
+
+    @torch.compiler.disable
+    def position_offset(self, local_len: int) -> int:
+        return self.ops.position_offset(local_len)
+
+    @torch.compiler.disable
+    def global_seq_len(self, local_len: int) -> int:
+        return self.ops.global_seq_len(local_len)
+
+    @torch.compiler.disable
+    def gather_sequence(self, x: Tensor, dim: int = 1) -> Tensor:
+        return self.ops.gather_sequence(x, dim)
+
+    @torch.compiler.disable
+    def linear_attention(self, *args, **kwargs):
+        return self.ops.linear_attention(*args, **kwargs)
+
+    @torch.compiler.disable
+    def attention(self, *args, **kwargs):
+        return self.ops.attention(*args, **kwargs)
+
+    @torch.compiler.disable
+    def causal_conv(self, *args, **kwargs):
+        return self.ops.causal_conv(*args, **kwargs)
