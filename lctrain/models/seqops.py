@@ -30,6 +30,15 @@ def doc_cu_seqlens(doc_start: Optional[Tensor], batch: int, seqlen: int, device)
     return torch.cat([idx, end]).to(torch.int32)
 
 
+def doc_offsets(doc_start: Tensor) -> Tensor:
+    """Index of every token inside its document, [B, T] int64 (each row's first token starts one)."""
+    B, T = doc_start.shape
+    idx = torch.arange(T, device=doc_start.device).expand(B, T)
+    starts = doc_start.to(torch.bool).clone()
+    starts[:, 0] = True
+    return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+
+
 def _row_first_last_docs(cu: Tensor, batch: int, seqlen: int):
     """Indices (into the N documents) of the first and last document of each batch row."""
     starts = cu[:-1].long()
@@ -107,16 +116,8 @@ class LocalOps:
     def causal_conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                     doc_start: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
         """Depthwise causal conv over [B, T, D] with zero history at every document start."""
-        B, T = x.shape[:2]
-        if not _starts_inside(doc_start):
-            y, _ = kernels.causal_conv1d(x, weight, bias)
-        else:
-            cu = doc_cu_seqlens(doc_start, B, T, x.device)
-            y, _ = kernels.causal_conv1d(_flat(x, B, T), weight, bias, cu_seqlens=cu)
-            y = y.reshape(B, T, -1)
-        if activation == "silu":
-            y = torch.nn.functional.silu(y)
-        return y
+        offsets = doc_offsets(doc_start) if _starts_inside(doc_start) else None
+        return kernels.short_conv(x, weight, bias, offsets=offsets, activation=activation)
 
 
 LOCAL_OPS = LocalOps()
