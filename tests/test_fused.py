@@ -3,6 +3,7 @@
 - short_conv (conv + SiLU with a hand-written backward, document masks) vs causal_conv1d + silu;
 - the chunk path with q and k shared by every head (Mamba-2, one group) vs the token-by-token oracle;
 - the automatic chunk of short sequences (seq_len below 64) vs the oracle;
+- softmax attention over rows holding several documents (per-row masks) vs the dense oracle per row.
 """
 from __future__ import annotations
 
@@ -106,3 +107,24 @@ def test_short_sequences_use_a_short_chunk(gate, T):
     assert _auto_chunk(64, 4096, torch.tensor([0, 10, 4096])) == 64
     assert _auto_chunk(64, 4096, torch.tensor([0, 10, 20, 30])) == MIN_CHUNK
 
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_attention_with_documents_per_row_matches_reference(window):
+    from lctrain.models.seqops import LOCAL_OPS
+    B, T, H, Hkv, D = 3, 20, 4, 2, 8
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, H, D, dtype=f64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(B, T, Hkv, D, dtype=f64, generator=gen, requires_grad=True) for _ in range(2))
+    ds = torch.zeros(B, T, dtype=torch.bool)
+    ds[0, [3, 4, 15]] = True
+    ds[2, 9] = True
+
+    def reference(q, k, v):
+        rows = [kernels.attention_reference(q[b:b + 1], k[b:b + 1], v[b:b + 1], window=window,
+                                            cu_seqlens=doc_cu_seqlens(ds[b:b + 1], 1, T, q.device))
+                for b in range(B)]
+        return torch.cat(rows, 0)
+
+    fast = lambda q, k, v: LOCAL_OPS.attention(q, k, v, doc_start=ds, window=window)
+    _assert_same(_grads(fast, [q, k, v]), _grads(reference, [q, k, v]))

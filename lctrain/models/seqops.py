@@ -107,6 +107,9 @@ class LocalOps:
         B, T = q.shape[:2]
         if not _starts_inside(doc_start):
             return kernels.attention(q, k, v, causal=True, window=window)
+        if B > 1 and not kernels.attention_uses_flash(q):   # per-row masks: B T^2 work, not (B T)^2
+            ids = doc_start.to(torch.bool).long().cumsum(1)
+            return kernels.attention(q, k, v, causal=True, window=window, doc_ids=ids)
         cu = doc_cu_seqlens(doc_start, B, T, q.device)
         o = kernels.attention(_flat(q, B, T), _flat(k, B, T), _flat(v, B, T), causal=True, window=window,
                               cu_seqlens=cu)
