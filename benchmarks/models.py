@@ -203,7 +203,7 @@ def run_table(a) -> list[dict]:
         steps, names = {}, {}
         for arch in a.archs:
             steps[(arch, "eager")] = make_step(build_ours(arch), T)
-            if a.compile:
+            if a.compile and arch in (a.compile_archs or a.archs):
                 steps[(arch, "compiled")] = make_step(build_ours(arch, compiled=True), T)
             peer = None if a.no_peers else build_peer(arch)
             if peer is not None:
@@ -320,6 +320,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled variant")
+    ap.add_argument("--compile-archs", nargs="+", choices=ARCHS, help="compile only these (default: all)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory workers")
     ap.add_argument("--profile", action="store_true", help="print the top ops of one step per model")
