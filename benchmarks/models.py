@@ -2,6 +2,7 @@
 
     python benchmarks/models.py                          # every arch, T = 1K and 4K, eager + compiled
     python benchmarks/models.py --archs mamba2 transformer --T 1024 --no-compile
+    python benchmarks/models.py --compile-archs mamba2 --no-memory   # compile one arch; no memory workers
     python benchmarks/models.py --profile --archs mamba2 --T 4096    # top ops per model
     python benchmarks/models.py --scaling                # chunk path time(64K) / (16 time(4K))
     python benchmarks/models.py --short                  # per-token cost at seq_len 16 vs 1024
@@ -15,8 +16,11 @@ the same repetitions. Peak memory is measured per (model, T) in a fresh worker p
 high-water mark above the model and inputs, reset through /proc/self/clear_refs), so it is that
 model's own.
 
-Peers (run on CPU, in their torch paths): transformers `Mamba2ForCausalLM` (its `torch_forward`: the
-CUDA kernels are absent), `LlamaForCausalLM` with `attn_implementation="sdpa"`; for BASED, a model
+"compiled" is the same model after `LanguageModel.compile_blocks()` (what `train.compile: true` does:
+inductor on each block, sequence ops eager); its first steps (compilation) are warm-up.
+
+Peers (run on CPU, in their torch paths): transformers `Mamba2ForCausalLM` (without mamba_ssm /
+causal_conv1d it runs its reference torch implementations), `LlamaForCausalLM` with `attn_implementation="sdpa"`; for BASED, a model
 of the same shape whose Taylor linear-attention layers are fla's `BasedLinearAttention` run through
 its torch `forward_reference` (fla's Triton ops do not run without a GPU). fla's GLA layer has no
 torch path but the token-by-token `naive_recurrent_gla`, so GLA, Hydra and the hybrid print lctrain
