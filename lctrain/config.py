@@ -86,6 +86,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     activation_checkpointing: bool = False
+    compile: bool = False             # torch.compile each block (sequence ops stay eager; see LanguageModel.compile_blocks)
     max_grad_norm: float = 1.0        # 0 disables clipping
     aux_loss_weight: float = 0.01     # weight of the MoE load-balancing loss
     log_every: int = 10

@@ -27,13 +27,19 @@ def _segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
     return torch.searchsorted(cu_seqlens[1:].long(), pos, right=True)
 
 
-def _use_flash(q: Tensor) -> bool:
+def attention_uses_flash(q: Tensor) -> bool:
+    """Whether `attention` runs flash-attn for these inputs (CUDA, fp16/bf16, flash-attn installed)."""
     return flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: Optional[int] = None,
-              cu_seqlens: Optional[Tensor] = None, scale: Optional[float] = None,
-              block_size: int = 512) -> Tensor:
+              cu_seqlens: Optional[Tensor] = None, doc_ids: Optional[Tensor] = None,
+              scale: Optional[float] = None, block_size: int = 512) -> Tensor:
+    """q [B, Tq, H, D], k and v [B, Tk, H_kv, D] -> [B, Tq, H, D]. Documents: `cu_seqlens` [N+1] for one
+    packed row (B = 1), or `doc_ids` [B, Tk] int (the document of each key position; queries are the
+    last Tq positions) for batches whose rows hold several documents: each row is masked on its own,
+    so the cost stays B T^2, not (B T)^2 as after packing the rows into one. Raises ValueError on
+    mismatched shapes."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     if Tq > Tk:
@@ -42,10 +48,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: O
         raise ValueError(f"attention: {H} query heads not divisible by {Hkv} kv heads")
     if cu_seqlens is not None and B != 1:
         raise ValueError("attention: cu_seqlens needs batch size 1 (packed documents)")
+    if doc_ids is not None and (cu_seqlens is not None or tuple(doc_ids.shape) != (B, Tk)):
+        raise ValueError(f"attention: doc_ids must be [B, Tk] = [{B}, {Tk}] (and not with cu_seqlens), "
+                         f"got {tuple(doc_ids.shape)}")
     if not causal and (window is not None or Tq != Tk):
         raise ValueError("attention: window / Tq != Tk need causal=True")
     scale = D ** -0.5 if scale is None else scale
-    if _use_flash(q):
+    if attention_uses_flash(q):
         ws = (window - 1, 0) if window is not None else (-1, -1)
         if cu_seqlens is not None and Tq == Tk:
             cu = cu_seqlens.to(torch.int32)
@@ -53,17 +62,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: O
             o = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, maxlen, maxlen, softmax_scale=scale,
                                        causal=causal, window_size=ws)
             return o.unsqueeze(0)
-        if cu_seqlens is None:
+        if cu_seqlens is None and doc_ids is None:
             return flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, window_size=ws)
 
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, T, D]
     gqa = H != Hkv
-    if cu_seqlens is None and window is None and (Tq == Tk or not causal):
+    if cu_seqlens is None and doc_ids is None and window is None and (Tq == Tk or not causal):
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale, enable_gqa=gqa)
         return o.transpose(1, 2)
 
     shift = Tk - Tq                                  # absolute key index of query i is i + shift
-    seg = _segment_ids(cu_seqlens, Tk) if cu_seqlens is not None else None
+    seg = _segment_ids(cu_seqlens, Tk)[None] if cu_seqlens is not None else doc_ids      # [1 or B, Tk]
     bs = Tq if window is None else max(block_size, window)
     outs = []
     for qs in range(0, Tq, bs):
@@ -75,8 +84,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: O
         mask = kpos[None, :] <= qpos[:, None]
         if window is not None:
             mask &= kpos[None, :] > qpos[:, None] - window
-        if seg is not None:
-            mask &= seg[kpos][None, :] == seg[qpos][:, None]
+        if seg is not None:                              # [B or 1, 1, q, k]: per-row documents
+            mask = (mask & (seg[:, kpos][:, None, :] == seg[:, qpos][:, :, None]))[:, None]
         o = F.scaled_dot_product_attention(qh[:, :, qs:qe], kh[:, :, lo:hi], vh[:, :, lo:hi],
                                            attn_mask=mask, scale=scale, enable_gqa=gqa)
         outs.append(o)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -73,6 +74,64 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     offs = lens[:, None] - (W - 1) + torch.arange(W - 1, device=x.device)[None, :]   # [N, W-1]
     idx = source(docs[:, None].expand_as(offs), offs)
     return y, src.index_select(0, idx.reshape(-1)).reshape(N, W - 1, D)
+
+
+class _ShortConv(torch.autograd.Function):
+    """Depthwise causal conv (+ SiLU) as W shifted multiply-adds over a zero-padded copy of x, with a
+    hand-written backward (no index tensors, no per-tap autograd nodes). Taps that reach across a
+    document start are masked by `offsets` (each token's index inside its document)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, offsets, silu):
+        B, T, D = x.shape
+        W = weight.shape[1]
+        xp = F.pad(x, (0, 0, W - 1, 0))                                 # [B, W-1+T, D]
+        masks = [None] + [(offsets >= s).unsqueeze(-1).to(x.dtype) if offsets is not None else None
+                          for s in range(1, W)]
+        y = x * weight[:, W - 1]
+        for s in range(1, W):                                           # tap W-1-s reads x_(t-s)
+            xs = xp[:, W - 1 - s:W - 1 - s + T]
+            y.addcmul_(xs if masks[s] is None else xs * masks[s], weight[:, W - 1 - s])
+        if bias is not None:
+            y += bias
+        ctx.save_for_backward(xp, weight, y if silu else None, offsets)
+        ctx.has_bias, ctx.silu = bias is not None, silu
+        return F.silu(y) if silu else y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xp, weight, pre, offsets = ctx.saved_tensors
+        T, W = dy.shape[1], weight.shape[1]
+        if ctx.silu:                                                    # silu'(u) = s (1 + u (1 - s))
+            sg = torch.sigmoid(pre)
+            dy = dy * sg * (1 + pre * (1 - sg))
+        dxp = torch.zeros_like(xp)
+        dw = torch.empty_like(weight)
+        for s in range(W):
+            g = dy if (s == 0 or offsets is None) else dy * (offsets >= s).unsqueeze(-1).to(dy.dtype)
+            tap = W - 1 - s
+            dxp[:, tap:tap + T].addcmul_(g, weight[:, tap])
+            dw[:, tap] = (g * xp[:, tap:tap + T]).sum((0, 1))
+        db = dy.sum((0, 1)) if ctx.has_bias else None
+        return dxp[:, W - 1:], dw, db, None, None
+
+
+def short_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, offsets: Optional[Tensor] = None,
+               activation: Optional[str] = None) -> Tensor:
+    """The training-path depthwise causal conv (no carried state), fused with SiLU: x [B, T, D] ->
+    [B, T, D] (x's dtype, fp32 or wider), weight [D, W], bias [D] | None; `offsets` [B, T] int is each
+    token's index inside its document (history is zero at every document start; None: one document
+    per row); activation None | "silu". Same result as `causal_conv1d` (the reference, which also
+    carries states) followed by the activation; see tests/test_fused.py."""
+    _check(x, weight, bias)
+    if activation not in (None, "silu"):
+        raise ValueError(f"short_conv: activation must be None or 'silu', got {activation!r}")
+    if offsets is not None and tuple(offsets.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"short_conv: offsets must be [B, T] = {list(x.shape[:2])}, got {list(offsets.shape)}")
+    dt = torch.promote_types(x.dtype, torch.float32)
+    y = _ShortConv.apply(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), offsets,
+                         activation == "silu")
+    return y.to(x.dtype)
 
 
 def causal_conv1d_step(x: Tensor, state: Tensor, weight: Tensor, bias: Optional[Tensor] = None):

@@ -14,6 +14,7 @@ Documents (cu_seqlens) are chunked independently (see layout.py): no loop over d
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -23,6 +24,7 @@ from lctrain.kernels.layout import build_layout, from_chunks, to_chunks
 
 BLOCK_TOKENS = 1024          # tokens per block of chunks (cache-sized work units)
 KEY_CHUNK, KEY_SUBS = 64, (16, 4)  # per-key-dim gates: chunk and nested sub-blocks (exact at the last)
+MIN_CHUNK = 16            # smallest automatic chunk (rows shorter than a chunk are padded to it)
 _GROUP_ELEMS = 1 << 22   # bound on the [G, C, C, K] decay tensor materialised at once
 
 
@@ -114,6 +116,14 @@ def _chunk_terms(qc, kc, vc, gc, gate: str):
     return scores, qe, ke.transpose(-1, -2) @ vc, decay
 
 
+def _auto_chunk(default: int, T: int, cu_seqlens: Optional[Tensor]) -> int:
+    """The default chunk, or the smallest power of two >= the longest sequence (at least MIN_CHUNK)
+    when that is shorter: short sequences are not padded to a full chunk (seq_len 16 would pay for
+    64 tokens per row otherwise)."""
+    longest = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return min(default, max(MIN_CHUNK, 1 << max(0, longest - 1).bit_length()))
+
+
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float,
               initial_state: Optional[Tensor], output_final_state: bool,
               cu_seqlens: Optional[Tensor], chunk_size: Optional[int] = None):
@@ -121,7 +131,7 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
     B, T, H, K = q.shape
     V = v.shape[-1]
     gate = "none" if g is None else ("head" if g.dim() == 3 else "key")
-    C = chunk_size or (KEY_CHUNK if gate == "key" else 64)
+    C = chunk_size or _auto_chunk(KEY_CHUNK if gate == "key" else 64, T, cu_seqlens)
     lay = build_layout(B, T, C, cu_seqlens, q.device)
     R, NC = lay.rows, lay.nchunks
 
@@ -135,6 +145,11 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
     # writes a full-size zero gradient (quadratic in T); blocks are split off the sequence-first
     # layout and transposed one by one, so no full-length layout copies (none when C divides T).
     # (Recomputing each block in the backward was tried: less memory, ~40% slower on CPU.)
+    # Mamba-2 with one group passes q and k expanded over the heads (stride 0): the scores are then
+    # computed once per chunk for all heads (see _block_shared), and only one head is chunked.
+    shared = gate == "head" and H > 1 and q.stride(2) == 0 and k.stride(2) == 0
+    if shared:
+        q, k = q[:, :, :1], k[:, :, :1]
     per = max(1, BLOCK_TOKENS // C)
     chunked = lambda x: to_chunks(x.to(dt), lay).split(per, dim=1)                  # [R, n, C, H, *]
     blocks = zip(*(chunked(x) for x in (q, k, v)), *([chunked(g)] if g is not None else [(None,) * NC]))
@@ -147,8 +162,9 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
         starts = [c0 + i for i in range(n) if lay.varlen and lay.first[c0 + i]]
         s0b = s0.index_select(0, torch.tensor([docs[c] for c in starts], device=q.device)) \
             if (starts and s0 is not None) else None
-        ob, state, eb = _block(qb, kb, vb, gb, state, s0b, gate=gate, scale=scale,
-                               resets=[c - c0 for c in starts], want_ends=want_ends)
+        run = _block_shared if shared else partial(_block, gate=gate)
+        ob, state, eb = run(qb, kb, vb, gb, state, s0b, scale=scale, resets=[c - c0 for c in starts],
+                            want_ends=want_ends)
         outs.append(ob)
         ends.append(eb)
         c0 += n
@@ -167,6 +183,24 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], scale: float
     return o, torch.where((last < 0)[:, None, None, None], keep, final)
 
 
+def _scan(upd: Tensor, dec: Optional[Tensor], state: Tensor, s0b: Optional[Tensor], resets: list):
+    """The sequential pass over one block's n chunks: S_(i+1) = dec_i * S_i + upd_i, where a document
+    starts (chunks in `resets`) S_i is its initial state (the rows of s0b, in order) or 0.
+    upd [R, n, *S], dec broadcastable to it or None. Returns (the state entering each chunk [R, n, *S],
+    the state leaving the block, the list of chunk-end states)."""
+    upd = upd.unbind(1)
+    dec = dec.unbind(1) if dec is not None else None
+    inits = iter(s0b.unbind(0)) if s0b is not None else None
+    states, ends = [], []
+    for i in range(len(upd)):
+        if i in resets:                                    # a document starts on this chunk edge
+            state = next(inits)[None] if inits is not None else torch.zeros_like(state)
+        states.append(state)
+        state = (state * dec[i] if dec is not None else state) + upd[i]
+        ends.append(state)
+    return torch.stack(states, 1), state, ends
+
+
 def _block(qb, kb, vb, gb, state, s0b, *, gate, scale, resets, want_ends):
     """One block of chunks, sequence-first [R, n, C, H, *] in and out. `state` enters the first chunk;
     at the chunks listed in `resets` a document starts with its initial state (s0b, in order) or 0.
@@ -174,15 +208,30 @@ def _block(qb, kb, vb, gb, state, s0b, *, gate, scale, resets, want_ends):
     qc, kc, vc = (x.transpose(2, 3) for x in (qb, kb, vb))                         # [R, n, H, C, *]
     gc = gb.transpose(2, 3) if gb is not None else None
     scores, qe, updates, decay = _chunk_terms(qc, kc, vc, gc, gate)
-    upd = updates.unbind(1)
-    dec = decay.unbind(1) if decay is not None else None
-    inits = iter(s0b.unbind(0)) if s0b is not None else None
-    states, ends = [], []
-    for i in range(qc.shape[1]):                           # sequential: the state entering each chunk
-        if i in resets:                                    # a document starts on this chunk edge
-            state = next(inits)[None] if inits is not None else torch.zeros_like(state)
-        states.append(state)
-        state = (state * dec[i] if dec is not None else state) + upd[i]
-        ends.append(state)
-    o = ((scores @ vc + qe @ torch.stack(states, 1)) * scale).transpose(2, 3)
+    states, state, ends = _scan(updates, decay, state, s0b, resets)
+    o = ((scores @ vc + qe @ states) * scale).transpose(2, 3)
     return o, state, (torch.cat(ends, 0) if want_ends else None)
+
+
+def _block_shared(qb, kb, vb, gb, state, s0b, *, scale, resets, want_ends):
+    """_block for per-head gates with q and k shared by every head (qb, kb [R, n, C, 1, K]; Mamba-2's
+    SSD with one group). The scores q k^T are one matmul per chunk for all heads, and the per-head
+    decays are moved off q and k: onto v for the state update, k^T (v e^(b_L - b)), and onto the
+    output rows for the inter-chunk term, e^b (q S). Everything stays sequence-first (no per-head
+    copies of q and k); the state is kept as [R, K, H, V] inside (one matmul for all heads)."""
+    q1, k1 = qb[:, :, :, 0], kb[:, :, :, 0]                                        # [R, n, C, K]
+    R, n, C, H, V = vb.shape
+    b = gb.cumsum(2)                                                               # [R, n, C, H]
+    bt = b.transpose(2, 3)
+    mask = torch.ones(C, C, dtype=torch.bool, device=vb.device).tril()
+    rel = torch.where(mask, bt[..., :, None] - bt[..., None, :], float("-inf")).exp()  # [R, n, H, C, C]
+    scores = (q1 @ k1.transpose(-1, -2)).unsqueeze(2) * rel
+    intra = scores @ vb.transpose(2, 3)                                            # [R, n, H, C, V]
+    vs = vb * (b[:, :, -1:] - b).exp().unsqueeze(-1)                               # [R, n, C, H, V]
+    upd = (k1.transpose(-1, -2) @ vs.flatten(3)).unflatten(3, (H, V))              # [R, n, K, H, V]
+    dec = b[:, :, -1].exp()[:, :, None, :, None]                                   # [R, n, 1, H, 1]
+    states, state, ends = _scan(upd, dec, state.transpose(1, 2), None if s0b is None else s0b.transpose(1, 2),
+                                resets)
+    inter = (q1 @ states.flatten(3)).unflatten(3, (H, V)) * b.exp().unsqueeze(-1)  # [R, n, C, H, V]
+    o = (intra.transpose(2, 3) + inter) * scale
+    return o, state.transpose(1, 2), (torch.cat(ends, 0).transpose(1, 2) if want_ends else None)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lctrain.models.layers import RMSNorm, SwiGLU, swiglu_hidden
-from lctrain.models.seqops import LOCAL_OPS, LocalOps
+from lctrain.models.seqops import LOCAL_OPS, EagerOps, LocalOps
 from lctrain.schema import fail, from_dict, require, suggest
 
 
@@ -225,7 +225,17 @@ class LanguageModel(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.activation_checkpointing = False
+        self.compiled = False
         self.reset_parameters()
+
+    def compile_blocks(self, **options):
+        """`torch.compile` every block in place (parameter names and state_dict keys unchanged); the
+        sequence ops (chunk scan, attention kernel, conv, collectives) run eagerly between the compiled
+        pieces (seqops.EagerOps), so documents, checkpointing and sequence parallelism behave as in eager
+        mode. `options` go to torch.compile (e.g. backend="aot_eager" in tests)."""
+        for block in self.layers:
+            block.compile(**options)
+        self.compiled = True
 
     # --- init -----------------------------------------------------------------------------------
     def reset_parameters(self):
@@ -250,6 +260,8 @@ class LanguageModel(nn.Module):
             ctx = dataclasses.replace(ctx, position_offset=cache.seen, knobs=cache.knobs)
         elif ctx.position_offset == 0 and ctx.ops.sp_size > 1:
             ctx = dataclasses.replace(ctx, position_offset=ctx.ops.position_offset(input_ids.shape[1]))
+        if self.compiled and not isinstance(ctx.ops, EagerOps):
+            ctx = dataclasses.replace(ctx, ops=EagerOps(ctx.ops))
         x = self.embed(input_ids)
         for i, block in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None

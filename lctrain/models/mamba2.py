@@ -97,8 +97,11 @@ class Mamba2(Mixer):
         xs, Bm, Cm = xbc.split([self.d_inner, G * N, G * N], dim=-1)
         xs = xs.reshape(B, T, H, P)
         rep = H // G                       # heads h of group h // rep share B and C
-        k = Bm.reshape(B, T, G, N).repeat_interleave(rep, dim=2)
-        q = Cm.reshape(B, T, G, N).repeat_interleave(rep, dim=2)
+        if G == 1:                         # a view (stride 0 over heads): the chunk path shares the scores
+            k, q = Bm[:, :, None].expand(B, T, H, N), Cm[:, :, None].expand(B, T, H, N)
+        else:
+            k = Bm.reshape(B, T, G, N).repeat_interleave(rep, dim=2)
+            q = Cm.reshape(B, T, G, N).repeat_interleave(rep, dim=2)
         dt = F.softplus(dt.float() + self.dt_bias.float())                  # [B, T, H]
         g = -torch.exp(self.A_log.float()) * dt                            # log-decay A dt <= 0
         v = (xs.float() * dt[..., None]).to(xs.dtype)

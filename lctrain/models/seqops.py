@@ -30,6 +30,15 @@ def doc_cu_seqlens(doc_start: Optional[Tensor], batch: int, seqlen: int, device)
     return torch.cat([idx, end]).to(torch.int32)
 
 
+def doc_offsets(doc_start: Tensor) -> Tensor:
+    """Index of every token inside its document, [B, T] int64 (each row's first token starts one)."""
+    B, T = doc_start.shape
+    idx = torch.arange(T, device=doc_start.device).expand(B, T)
+    starts = doc_start.to(torch.bool).clone()
+    starts[:, 0] = True
+    return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+
+
 def _row_first_last_docs(cu: Tensor, batch: int, seqlen: int):
     """Indices (into the N documents) of the first and last document of each batch row."""
     starts = cu[:-1].long()
@@ -98,6 +107,9 @@ class LocalOps:
         B, T = q.shape[:2]
         if not _starts_inside(doc_start):
             return kernels.attention(q, k, v, causal=True, window=window)
+        if B > 1 and not kernels.attention_uses_flash(q):   # per-row masks: B T^2 work, not (B T)^2
+            ids = doc_start.to(torch.bool).long().cumsum(1)
+            return kernels.attention(q, k, v, causal=True, window=window, doc_ids=ids)
         cu = doc_cu_seqlens(doc_start, B, T, q.device)
         o = kernels.attention(_flat(q, B, T), _flat(k, B, T), _flat(v, B, T), causal=True, window=window,
                               cu_seqlens=cu)
@@ -107,16 +119,42 @@ class LocalOps:
     def causal_conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
                     doc_start: Optional[Tensor] = None, activation: Optional[str] = None) -> Tensor:
         """Depthwise causal conv over [B, T, D] with zero history at every document start."""
-        B, T = x.shape[:2]
-        if not _starts_inside(doc_start):
-            y, _ = kernels.causal_conv1d(x, weight, bias)
-        else:
-            cu = doc_cu_seqlens(doc_start, B, T, x.device)
-            y, _ = kernels.causal_conv1d(_flat(x, B, T), weight, bias, cu_seqlens=cu)
-            y = y.reshape(B, T, -1)
-        if activation == "silu":
-            y = torch.nn.functional.silu(y)
-        return y
+        offsets = doc_offsets(doc_start) if _starts_inside(doc_start) else None
+        return kernels.short_conv(x, weight, bias, offsets=offsets, activation=activation)
 
 
 LOCAL_OPS = LocalOps()
+
+
+class EagerOps:
+    """The sequence ops of `ops`, run eagerly from inside `torch.compile`d blocks (each call is a graph
+    break): the chunk scan's Python loop over chunks would be unrolled into the graph, and collectives
+    (sequence parallelism) stay outside it. Everything between two ops is compiled and fused."""
+
+    def __init__(self, ops: LocalOps):
+        self.ops = ops
+        self.sp_size, self.sp_rank = ops.sp_size, ops.sp_rank
+
+    @torch.compiler.disable
+    def position_offset(self, local_len: int) -> int:
+        return self.ops.position_offset(local_len)
+
+    @torch.compiler.disable
+    def global_seq_len(self, local_len: int) -> int:
+        return self.ops.global_seq_len(local_len)
+
+    @torch.compiler.disable
+    def gather_sequence(self, x: Tensor, dim: int = 1) -> Tensor:
+        return self.ops.gather_sequence(x, dim)
+
+    @torch.compiler.disable
+    def linear_attention(self, *args, **kwargs):
+        return self.ops.linear_attention(*args, **kwargs)
+
+    @torch.compiler.disable
+    def attention(self, *args, **kwargs):
+        return self.ops.attention(*args, **kwargs)
+
+    @torch.compiler.disable
+    def causal_conv(self, *args, **kwargs):
+        return self.ops.causal_conv(*args, **kwargs)

@@ -223,6 +223,8 @@ class Trainer:
         torch.manual_seed(self.recipe.seed)
         model = build_model(cfg).to(self.device)
         model.activation_checkpointing = self.recipe.train.activation_checkpointing
+        if self.recipe.train.compile:
+            model.compile_blocks()
         return model
 
     # --- checkpoints ----------------------------------------------------------------------------
