@@ -28,6 +28,7 @@ from lctrain.config import DataConfig, Recipe
 from lctrain.data.corpus import corpus_bytes, corpus_fingerprint, is_validation, iter_documents
 from lctrain.data.tokenizer import Tokenizer, train_tokenizer
 from lctrain.schema import to_dict
+from lctrain.tempfiles import clean_dead_temps, temp_path
 
 # Extra document sources mixed into pretraining (e.g. synthetic passkey documents), by recipe:
 # each takes (recipe, tokenizer-free) and yields (doc_id, text). Registered by lctrain.data modules.
@@ -214,14 +215,18 @@ def build_token_cache(recipe: Recipe, tok: Tokenizer, log: Callable[[str], None]
     """Tokenize all documents into the Megatron indexed datasets `train` and `val` (`.bin` + `.idx`,
     written by megatron-core's IndexedDatasetBuilder: one sequence and one document per source document,
     end-of-document token appended) plus `meta.json`; atomic (built in a temp dir, then renamed).
-    Byte-identical for any number of tokenization workers (`data.num_workers`)."""
+    Byte-identical for any number of tokenization workers (`data.num_workers`). Temp builds of killed
+    tokenizations on this host (`tokens/*.tmp-PID@HOST` of a dead PID) are removed first."""
     from lctrain.data.megatron import indexed_dataset_module
     out = token_cache_dir(recipe, tok)
     if os.path.isfile(os.path.join(out, "meta.json")):
         return out
     workers = num_workers(recipe.data) if workers is None else workers
+    stale = clean_dead_temps(os.path.dirname(out))
+    if stale:
+        log(f"removed {len(stale)} leftover(s) of killed tokenizations: {', '.join(stale)}")
     log(f"tokenizing the corpus with {workers} worker{'s' if workers > 1 else ''} -> {out}")
-    tmp = f"{out}.tmp-{os.getpid()}"
+    tmp = temp_path(out)
     os.makedirs(tmp, exist_ok=True)
     idx = indexed_dataset_module()
     dtype = idx.DType.optimal_dtype(tok.vocab_size)        # what Megatron's preprocess_data.py picks

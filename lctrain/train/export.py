@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from lctrain.train import checkpoint as ckpt
+from lctrain.tempfiles import pid_alive
 from lctrain.train.checkpoint import CheckpointError
 
 FORMAT = "lctrain-model/1"
@@ -131,21 +132,11 @@ def _clean_stale_exports(out: str):
     d, prefix = os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.tmp-"
     for n in os.listdir(d):
         pid = n[len(prefix):].split("-", 1)[0] if n.startswith(prefix) else ""
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             try:
                 os.remove(os.path.join(d, n))
             except OSError:
                 pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _metadata(path: str) -> dict:
