@@ -41,3 +41,31 @@ def test_killed_tokenization_leftovers_are_removed(tmp_path):
     assert any("leftover" in m and stale.name in m for m in logs), logs
     assert sorted(n for n in os.listdir(tokens) if ".tmp-" in n) == sorted([live.name, remote.name])
     assert os.path.isfile(os.path.join(data.cache_dir, "meta.json"))
+
+
+def test_a_dead_tokenization_worker_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    """A worker killed mid-batch (OOM killer) must fail the build, not leave it waiting forever."""
+    import threading
+
+    import pytest
+
+    from lctrain.data import dataset
+    from lctrain.data.tokenizer import Tokenizer, train_tokenizer
+    tok = train_tokenizer(iter(["def f(x):\n    return x\n"] * 50), str(tmp_path / "t.model"), 280, 100_000)
+    monkeypatch.setattr(Tokenizer, "encode_batch", lambda *a, **k: os._exit(9))   # runs in the forked workers only
+    docs = [(str(i), "def f(x): return x\n") for i in range(200)]
+    outcome = []
+
+    def consume():
+        try:
+            list(dataset.encoded_documents(docs, tok, workers=2))
+        except BaseException as e:   # noqa: BLE001 - the test inspects it
+            outcome.append(e)
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "tokenization hangs after a worker died"
+    assert outcome and isinstance(outcome[0], RuntimeError), outcome
+    with pytest.raises(RuntimeError, match="tokenization worker died"):
+        raise outcome[0]

@@ -158,18 +158,28 @@ def encoded_documents(docs: Iterable[tuple[str, str]], tok: Tokenizer, workers: 
         return
     import collections
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
     # fork: workers inherit the loaded modules (spawn would re-import torch in each); they only run sentencepiece
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(tok.path,)) as pool:
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (OOM killer, SIGKILL) breaks the
+    # pool with an error instead of leaving its batch's result pending forever
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(tok.path,))
+    try:
         pending: collections.deque = collections.deque()
         for batch in _batches(docs):
-            pending.append((batch, pool.apply_async(_encode, (batch,))))
+            pending.append((batch, pool.submit(_encode, batch)))
             if len(pending) >= 4 * workers:
                 b, res = pending.popleft()
-                yield b, res.get()
+                yield b, res.result()
         while pending:
             b, res = pending.popleft()
-            yield b, res.get()
+            yield b, res.result()
+    except BrokenProcessPool:
+        raise RuntimeError("data: a tokenization worker died (killed, e.g. by the out-of-memory killer?); "
+                           "nothing was written to the token cache (fewer data.num_workers use less memory)") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Progress:
