@@ -279,6 +279,20 @@ def build_token_cache(recipe: Recipe, tok: Tokenizer, log: Callable[[str], None]
     return out
 
 
+def _check_bin(prefix: str, ds, seq_starts: np.ndarray, itemsize: int) -> None:
+    """The `.bin` holds every token the `.idx` points to, back to back (the layout megatron-core writes
+    and `PackedSequences` reads as one stream); ValueError naming the file otherwise (a truncated copy or
+    a mismatched pair would fail only when training reaches the missing tokens, or read wrong ones)."""
+    pointers = np.asarray(ds.index.sequence_pointers, dtype=np.int64)
+    if not np.array_equal(pointers, seq_starts[:-1] * itemsize):
+        raise ValueError(f"data: {prefix}.idx: its sequences are not stored back to back in {prefix}.bin "
+                         "(not written by megatron-core's IndexedDatasetBuilder?)")
+    need, size = int(seq_starts[-1]) * itemsize, os.path.getsize(prefix + ".bin")
+    if size < need:
+        raise ValueError(f"data: {prefix}.bin is truncated: {size:,} bytes, its .idx indexes {need:,} "
+                         f"({int(seq_starts[-1]):,} tokens of {itemsize} bytes)")
+
+
 class PackedSequences:
     """Fixed-length training sequences over the token stream of one Megatron indexed dataset (or a
     contiguous range of its documents), with document-start flags from the index.
@@ -298,6 +312,7 @@ class PackedSequences:
         self.dtype = self.ds.index.dtype
         self.itemsize = np.dtype(self.dtype).itemsize
         seq_starts = np.concatenate([[0], np.cumsum(self.ds.sequence_lengths, dtype=np.int64)])
+        _check_bin(prefix, self.ds, seq_starts, self.itemsize)
         doc_starts = seq_starts[np.asarray(self.ds.document_indices, dtype=np.int64)]
         d0, d1 = docs if docs is not None else (0, len(doc_starts) - 1)
         self.lo, self.hi = int(doc_starts[d0]), int(doc_starts[d1])
