@@ -91,24 +91,37 @@ def _load_bin(path: str) -> dict:
     return sd
 
 
-def load_weights(src: str) -> dict[str, torch.Tensor]:
-    """The source's state dict: safetensors preferred, else pytorch_model.bin (weights_only); shards merged."""
+def _load_safetensors(path: str) -> dict:
     from safetensors.torch import load_file
-    for index, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", _load_bin)):
+    if not os.path.isfile(path):
+        raise InteropError(f"import: {path}: no such file")
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise InteropError(f"import: {path}: not a safetensors file ({str(e).splitlines()[0] if str(e) else e})") from None
+
+
+def load_weights(src: str) -> dict[str, torch.Tensor]:
+    """The source's state dict: safetensors preferred, else pytorch_model.bin (weights_only); shards
+    merged (their files must lie in `src`). InteropError naming the file for anything unreadable."""
+    for index, loader in (("model.safetensors.index.json", _load_safetensors), ("pytorch_model.bin.index.json", _load_bin)):
         p = os.path.join(src, index)
         if os.path.isfile(p):
-            with open(p) as f:
-                files = sorted(set(json.load(f).get("weight_map", {}).values()))
+            try:
+                with open(p) as f:
+                    weight_map = json.load(f).get("weight_map")
+                files = sorted(set(weight_map.values()))
+            except (ValueError, AttributeError, TypeError) as e:
+                raise InteropError(f"import: {p}: not a shard index (a JSON object with a weight_map: {e})") from None
             sd: dict = {}
             for name in files:
+                if not isinstance(name, str) or os.path.basename(name) != name:
+                    raise InteropError(f"import: {p}: shard {name!r} is not a file name in {src}")
                 sd.update(loader(os.path.join(src, name)))
             return sd
     st = os.path.join(src, "model.safetensors")
     if os.path.isfile(st):
-        try:
-            return load_file(st)
-        except Exception as e:
-            raise InteropError(f"import: {st}: not a safetensors file ({str(e).splitlines()[0] if str(e) else e})") from None
+        return _load_safetensors(st)
     binp = os.path.join(src, "pytorch_model.bin")
     if os.path.isfile(binp):
         return _load_bin(binp)
