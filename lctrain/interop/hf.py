@@ -32,6 +32,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lctrain.tempfiles import clean_dead_temps, temp_path
+
 FIELD_IGNORED = {   # bookkeeping of transformers' PreTrainedConfig, generation defaults, token ids
     "architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
     "bos_token_id", "eos_token_id", "pad_token_id", "output_hidden_states", "output_attentions", "return_dict",
@@ -371,7 +373,8 @@ def write_model_file(model, recipe, out: str, tokenizer_bytes: Optional[bytes], 
             "dtype": "fp32"}
     if tokenizer_bytes is not None:
         meta["tokenizer_model_b64"] = base64.b64encode(tokenizer_bytes).decode()
-    tmp = f"{out}.tmp-{os.getpid()}"
+    clean_dead_temps(os.path.dirname(os.path.abspath(out)))      # of killed imports
+    tmp = temp_path(out)
     try:
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, out)
@@ -489,7 +492,9 @@ def export_hf(model, tokenizer_path: Optional[str], out: str, eod_id: Optional[i
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise InteropError(f"export --format hf: weights do not map (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
+    out = out.rstrip("/")
+    clean_dead_temps(os.path.dirname(os.path.abspath(out)))      # of killed exports
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         hf.save_pretrained(tmp)
