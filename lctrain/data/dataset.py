@@ -80,6 +80,8 @@ def tokenizer_training_texts(recipe: Recipe) -> Iterator[str]:
 
 
 def ensure_tokenizer(recipe: Recipe, log: Callable[[str], None] = print) -> Tokenizer:
+    """The recipe's sentencepiece tokenizer: `tokenizer.path`, else the cached BPE trained on the data
+    (trained now if missing). Raises TokenizerError (unreadable model, data too small for vocab_size)."""
     path = tokenizer_path(recipe)
     if os.path.isfile(path):
         return Tokenizer(path)
@@ -100,6 +102,8 @@ def _documents(recipe: Recipe) -> Iterator[tuple[str, str]]:
 
 
 def token_cache_dir(recipe: Recipe, tok: Tokenizer) -> str:
+    """`<cache>/tokens/<key>`: key = sha1 of the cache format version, the corpus fingerprint, the
+    tokenizer file and the active extra sources with their options (16 hex digits)."""
     # the passkey source adds nothing (and so changes no key) unless data.passkey.docs > 0
     mixing = recipe.data.passkey.docs > 0
     extras = ",".join(sorted(n for n in EXTRA_SOURCES if n != "passkey" or mixing))
@@ -337,6 +341,7 @@ class PackedSequences:
         return window, starts
 
     def batch(self, indices: Iterable[int]) -> dict[str, torch.Tensor]:
+        """`input_ids`, `labels` ([B, L] int64) and `doc_start` ([B, L] bool) of sequences `indices`."""
         return _stack([self.row(i) for i in indices])
 
 
@@ -407,6 +412,9 @@ class PreparedData:
 
 
 def prepare_data(recipe: Recipe, log: Callable[[str], None] = print) -> PreparedData:
+    """Tokenizer and train/validation sequences of the recipe: its Megatron indexed datasets read in
+    place (`data.source: megatron`), else the token cache (built on first use). Raises TokenizerError,
+    ValueError (unreadable or too small data, naming the file) or the data source's errors."""
     if recipe.data.source == "megatron":
         return open_megatron(recipe, Tokenizer(os.path.expanduser(recipe.tokenizer.path)))
     tok = ensure_tokenizer(recipe, log)
@@ -415,6 +423,7 @@ def prepare_data(recipe: Recipe, log: Callable[[str], None] = print) -> Prepared
 
 
 def open_data(recipe: Recipe, tok: Tokenizer, cache: str) -> PreparedData:
+    """Train/validation sequences of `recipe.train.seq_len` over the token cache `cache`."""
     train = PackedSequences(os.path.join(cache, "train"), recipe.train.seq_len)
     val = PackedSequences(os.path.join(cache, "val"), recipe.train.seq_len)
     return PreparedData(tok, cache, train, val if len(val) > 0 else None)
