@@ -50,3 +50,16 @@ def test_bad_index_is_named(sharded, tmp_path):
     with pytest.raises(InteropError, match=r"shard '\.\./outside\.safetensors' is not a file name in"):
         import_checkpoint(str(tmp_path / "src"), "transformer", str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_import_never_overwrites_a_non_empty_out(sharded, tmp_path):
+    """--out pointing at a run directory (or a previous import) must not replace its recipe.yaml."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("name: my-run\n")
+    with pytest.raises(InteropError, match="--out .*run exists and is not an empty directory"):
+        import_checkpoint(str(sharded), "transformer", str(run))
+    assert os.listdir(run) == ["recipe.yaml"] and (run / "recipe.yaml").read_text() == "name: my-run\n"
+    (tmp_path / "empty").mkdir()
+    import_checkpoint(str(sharded), "transformer", str(tmp_path / "empty"))
+    assert sorted(os.listdir(tmp_path / "empty")) == ["model.safetensors", "recipe.yaml"]

@@ -405,11 +405,15 @@ def _tokenizer_bytes(src: str, tokenizer: Optional[str], vocab: int) -> tuple[Op
 
 def import_checkpoint(src: str, arch: str, out: str, tokenizer: Optional[str] = None) -> dict:
     """Convert the checkpoint directory `src` into `out/model.safetensors` (lctrain model file, loadable by
-    `lctrain eval` and `train.init_from`) and `out/recipe.yaml` (its recipe). Raises InteropError."""
+    `lctrain eval` and `train.init_from`) and `out/recipe.yaml` (its recipe); `out` must not exist or be
+    empty (never overwritten). Raises InteropError."""
     from lctrain.config import dump_recipe, recipe_from_dict
     from lctrain.models import build_model
     if not os.path.isdir(src):
         raise InteropError(f"import: no such directory: {src}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):   # e.g. a run dir: its recipe.yaml
+        raise InteropError(f"import: --out {out} exists and is not an empty directory (never overwritten: "
+                           "remove it or choose another)")
     cfg = read_config(src)
     layout = detect_layout(cfg, src)
     want = "transformer" if layout == "hf-llama" else "mamba2"
