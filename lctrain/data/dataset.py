@@ -28,6 +28,7 @@ from lctrain.config import DataConfig, Recipe
 from lctrain.data.corpus import corpus_bytes, corpus_fingerprint, is_validation, iter_documents
 from lctrain.data.tokenizer import Tokenizer, train_tokenizer
 from lctrain.schema import to_dict
+from lctrain.tempfiles import clean_dead_temps, temp_path
 
 # Extra document sources mixed into pretraining (e.g. synthetic passkey documents), by recipe:
 # each takes (recipe, tokenizer-free) and yields (doc_id, text). Registered by lctrain.data modules.
@@ -79,6 +80,8 @@ def tokenizer_training_texts(recipe: Recipe) -> Iterator[str]:
 
 
 def ensure_tokenizer(recipe: Recipe, log: Callable[[str], None] = print) -> Tokenizer:
+    """The recipe's sentencepiece tokenizer: `tokenizer.path`, else the cached BPE trained on the data
+    (trained now if missing). Raises TokenizerError (unreadable model, data too small for vocab_size)."""
     path = tokenizer_path(recipe)
     if os.path.isfile(path):
         return Tokenizer(path)
@@ -99,6 +102,8 @@ def _documents(recipe: Recipe) -> Iterator[tuple[str, str]]:
 
 
 def token_cache_dir(recipe: Recipe, tok: Tokenizer) -> str:
+    """`<cache>/tokens/<key>`: key = sha1 of the cache format version, the corpus fingerprint, the
+    tokenizer file and the active extra sources with their options (16 hex digits)."""
     # the passkey source adds nothing (and so changes no key) unless data.passkey.docs > 0
     mixing = recipe.data.passkey.docs > 0
     extras = ",".join(sorted(n for n in EXTRA_SOURCES if n != "passkey" or mixing))
@@ -157,18 +162,28 @@ def encoded_documents(docs: Iterable[tuple[str, str]], tok: Tokenizer, workers: 
         return
     import collections
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
     # fork: workers inherit the loaded modules (spawn would re-import torch in each); they only run sentencepiece
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(tok.path,)) as pool:
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (OOM killer, SIGKILL) breaks the
+    # pool with an error instead of leaving its batch's result pending forever
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(tok.path,))
+    try:
         pending: collections.deque = collections.deque()
         for batch in _batches(docs):
-            pending.append((batch, pool.apply_async(_encode, (batch,))))
+            pending.append((batch, pool.submit(_encode, batch)))
             if len(pending) >= 4 * workers:
                 b, res = pending.popleft()
-                yield b, res.get()
+                yield b, res.result()
         while pending:
             b, res = pending.popleft()
-            yield b, res.get()
+            yield b, res.result()
+    except BrokenProcessPool:
+        raise RuntimeError("data: a tokenization worker died (killed, e.g. by the out-of-memory killer?); "
+                           "nothing was written to the token cache (fewer data.num_workers use less memory)") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Progress:
@@ -214,14 +229,18 @@ def build_token_cache(recipe: Recipe, tok: Tokenizer, log: Callable[[str], None]
     """Tokenize all documents into the Megatron indexed datasets `train` and `val` (`.bin` + `.idx`,
     written by megatron-core's IndexedDatasetBuilder: one sequence and one document per source document,
     end-of-document token appended) plus `meta.json`; atomic (built in a temp dir, then renamed).
-    Byte-identical for any number of tokenization workers (`data.num_workers`)."""
+    Byte-identical for any number of tokenization workers (`data.num_workers`). Temp builds of killed
+    tokenizations on this host (`tokens/*.tmp-PID@HOST` of a dead PID) are removed first."""
     from lctrain.data.megatron import indexed_dataset_module
     out = token_cache_dir(recipe, tok)
     if os.path.isfile(os.path.join(out, "meta.json")):
         return out
     workers = num_workers(recipe.data) if workers is None else workers
+    stale = clean_dead_temps(os.path.dirname(out))
+    if stale:
+        log(f"removed {len(stale)} leftover(s) of killed tokenizations: {', '.join(stale)}")
     log(f"tokenizing the corpus with {workers} worker{'s' if workers > 1 else ''} -> {out}")
-    tmp = f"{out}.tmp-{os.getpid()}"
+    tmp = temp_path(out)
     os.makedirs(tmp, exist_ok=True)
     idx = indexed_dataset_module()
     dtype = idx.DType.optimal_dtype(tok.vocab_size)        # what Megatron's preprocess_data.py picks
@@ -264,6 +283,20 @@ def build_token_cache(recipe: Recipe, tok: Tokenizer, log: Callable[[str], None]
     return out
 
 
+def _check_bin(prefix: str, ds, seq_starts: np.ndarray, itemsize: int) -> None:
+    """The `.bin` holds every token the `.idx` points to, back to back (the layout megatron-core writes
+    and `PackedSequences` reads as one stream); ValueError naming the file otherwise (a truncated copy or
+    a mismatched pair would fail only when training reaches the missing tokens, or read wrong ones)."""
+    pointers = np.asarray(ds.index.sequence_pointers, dtype=np.int64)
+    if not np.array_equal(pointers, seq_starts[:-1] * itemsize):
+        raise ValueError(f"data: {prefix}.idx: its sequences are not stored back to back in {prefix}.bin "
+                         "(not written by megatron-core's IndexedDatasetBuilder?)")
+    need, size = int(seq_starts[-1]) * itemsize, os.path.getsize(prefix + ".bin")
+    if size < need:
+        raise ValueError(f"data: {prefix}.bin is truncated: {size:,} bytes, its .idx indexes {need:,} "
+                         f"({int(seq_starts[-1]):,} tokens of {itemsize} bytes)")
+
+
 class PackedSequences:
     """Fixed-length training sequences over the token stream of one Megatron indexed dataset (or a
     contiguous range of its documents), with document-start flags from the index.
@@ -283,6 +316,7 @@ class PackedSequences:
         self.dtype = self.ds.index.dtype
         self.itemsize = np.dtype(self.dtype).itemsize
         seq_starts = np.concatenate([[0], np.cumsum(self.ds.sequence_lengths, dtype=np.int64)])
+        _check_bin(prefix, self.ds, seq_starts, self.itemsize)
         doc_starts = seq_starts[np.asarray(self.ds.document_indices, dtype=np.int64)]
         d0, d1 = docs if docs is not None else (0, len(doc_starts) - 1)
         self.lo, self.hi = int(doc_starts[d0]), int(doc_starts[d1])
@@ -307,6 +341,7 @@ class PackedSequences:
         return window, starts
 
     def batch(self, indices: Iterable[int]) -> dict[str, torch.Tensor]:
+        """`input_ids`, `labels` ([B, L] int64) and `doc_start` ([B, L] bool) of sequences `indices`."""
         return _stack([self.row(i) for i in indices])
 
 
@@ -377,6 +412,9 @@ class PreparedData:
 
 
 def prepare_data(recipe: Recipe, log: Callable[[str], None] = print) -> PreparedData:
+    """Tokenizer and train/validation sequences of the recipe: its Megatron indexed datasets read in
+    place (`data.source: megatron`), else the token cache (built on first use). Raises TokenizerError,
+    ValueError (unreadable or too small data, naming the file) or the data source's errors."""
     if recipe.data.source == "megatron":
         return open_megatron(recipe, Tokenizer(os.path.expanduser(recipe.tokenizer.path)))
     tok = ensure_tokenizer(recipe, log)
@@ -385,6 +423,7 @@ def prepare_data(recipe: Recipe, log: Callable[[str], None] = print) -> Prepared
 
 
 def open_data(recipe: Recipe, tok: Tokenizer, cache: str) -> PreparedData:
+    """Train/validation sequences of `recipe.train.seq_len` over the token cache `cache`."""
     train = PackedSequences(os.path.join(cache, "train"), recipe.train.seq_len)
     val = PackedSequences(os.path.join(cache, "val"), recipe.train.seq_len)
     return PreparedData(tok, cache, train, val if len(val) > 0 else None)

@@ -12,6 +12,8 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from lctrain.tempfiles import clean_dead_temps, temp_path
+
 EOD_PIECE_ID = 1
 
 
@@ -86,7 +88,8 @@ def train_tokenizer(texts: Iterable[str], out_path: str, vocab_size: int, train_
     if errors:
         raise errors[0]
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    tmp = f"{out_path}.tmp-{os.getpid()}"
+    clean_dead_temps(os.path.dirname(os.path.abspath(out_path)))
+    tmp = temp_path(out_path)
     with open(tmp, "wb") as f:
         f.write(buf.getvalue())
     os.replace(tmp, out_path)

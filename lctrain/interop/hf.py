@@ -32,6 +32,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from lctrain.tempfiles import clean_dead_temps, temp_path
+
 FIELD_IGNORED = {   # bookkeeping of transformers' PreTrainedConfig, generation defaults, token ids
     "architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
     "bos_token_id", "eos_token_id", "pad_token_id", "output_hidden_states", "output_attentions", "return_dict",
@@ -91,24 +93,37 @@ def _load_bin(path: str) -> dict:
     return sd
 
 
-def load_weights(src: str) -> dict[str, torch.Tensor]:
-    """The source's state dict: safetensors preferred, else pytorch_model.bin (weights_only); shards merged."""
+def _load_safetensors(path: str) -> dict:
     from safetensors.torch import load_file
-    for index, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", _load_bin)):
+    if not os.path.isfile(path):
+        raise InteropError(f"import: {path}: no such file")
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise InteropError(f"import: {path}: not a safetensors file ({str(e).splitlines()[0] if str(e) else e})") from None
+
+
+def load_weights(src: str) -> dict[str, torch.Tensor]:
+    """The source's state dict: safetensors preferred, else pytorch_model.bin (weights_only); shards
+    merged (their files must lie in `src`). InteropError naming the file for anything unreadable."""
+    for index, loader in (("model.safetensors.index.json", _load_safetensors), ("pytorch_model.bin.index.json", _load_bin)):
         p = os.path.join(src, index)
         if os.path.isfile(p):
-            with open(p) as f:
-                files = sorted(set(json.load(f).get("weight_map", {}).values()))
+            try:
+                with open(p) as f:
+                    weight_map = json.load(f).get("weight_map")
+                files = sorted(set(weight_map.values()))
+            except (ValueError, AttributeError, TypeError) as e:
+                raise InteropError(f"import: {p}: not a shard index (a JSON object with a weight_map: {e})") from None
             sd: dict = {}
             for name in files:
+                if not isinstance(name, str) or os.path.basename(name) != name:
+                    raise InteropError(f"import: {p}: shard {name!r} is not a file name in {src}")
                 sd.update(loader(os.path.join(src, name)))
             return sd
     st = os.path.join(src, "model.safetensors")
     if os.path.isfile(st):
-        try:
-            return load_file(st)
-        except Exception as e:
-            raise InteropError(f"import: {st}: not a safetensors file ({str(e).splitlines()[0] if str(e) else e})") from None
+        return _load_safetensors(st)
     binp = os.path.join(src, "pytorch_model.bin")
     if os.path.isfile(binp):
         return _load_bin(binp)
@@ -358,7 +373,8 @@ def write_model_file(model, recipe, out: str, tokenizer_bytes: Optional[bytes], 
             "dtype": "fp32"}
     if tokenizer_bytes is not None:
         meta["tokenizer_model_b64"] = base64.b64encode(tokenizer_bytes).decode()
-    tmp = f"{out}.tmp-{os.getpid()}"
+    clean_dead_temps(os.path.dirname(os.path.abspath(out)))      # of killed imports
+    tmp = temp_path(out)
     try:
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, out)
@@ -389,11 +405,15 @@ def _tokenizer_bytes(src: str, tokenizer: Optional[str], vocab: int) -> tuple[Op
 
 def import_checkpoint(src: str, arch: str, out: str, tokenizer: Optional[str] = None) -> dict:
     """Convert the checkpoint directory `src` into `out/model.safetensors` (lctrain model file, loadable by
-    `lctrain eval` and `train.init_from`) and `out/recipe.yaml` (its recipe). Raises InteropError."""
+    `lctrain eval` and `train.init_from`) and `out/recipe.yaml` (its recipe); `out` must not exist or be
+    empty (never overwritten). Raises InteropError."""
     from lctrain.config import dump_recipe, recipe_from_dict
     from lctrain.models import build_model
     if not os.path.isdir(src):
         raise InteropError(f"import: no such directory: {src}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):   # e.g. a run dir: its recipe.yaml
+        raise InteropError(f"import: --out {out} exists and is not an empty directory (never overwritten: "
+                           "remove it or choose another)")
     cfg = read_config(src)
     layout = detect_layout(cfg, src)
     want = "transformer" if layout == "hf-llama" else "mamba2"
@@ -476,7 +496,9 @@ def export_hf(model, tokenizer_path: Optional[str], out: str, eod_id: Optional[i
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise InteropError(f"export --format hf: weights do not map (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
+    out = out.rstrip("/")
+    clean_dead_temps(os.path.dirname(os.path.abspath(out)))      # of killed exports
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         hf.save_pretrained(tmp)

@@ -50,7 +50,13 @@ def _source_recipe(path: str) -> dict:
                 text = fh.read()
     except (CheckpointError, OSError) as e:
         raise ConfigError("train.init_from", str(e).splitlines()[0]) from None
-    return yaml.safe_load(text) or {}
+    try:
+        recipe = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("train.init_from", f"{path}: its recipe is not valid YAML ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("model") or {}, dict):
+        raise ConfigError("train.init_from", f"{path}: its recipe is not a mapping with a 'model' mapping")
+    return recipe
 
 
 def source_model_config(path: str) -> dict:

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from lctrain.train import checkpoint as ckpt
+from lctrain.tempfiles import pid_alive
 from lctrain.train.checkpoint import CheckpointError
 
 FORMAT = "lctrain-model/1"
@@ -131,21 +132,11 @@ def _clean_stale_exports(out: str):
     d, prefix = os.path.dirname(os.path.abspath(out)), f".{os.path.basename(out)}.tmp-"
     for n in os.listdir(d):
         pid = n[len(prefix):].split("-", 1)[0] if n.startswith(prefix) else ""
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             try:
                 os.remove(os.path.join(d, n))
             except OSError:
                 pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _metadata(path: str) -> dict:
@@ -159,13 +150,15 @@ def _metadata(path: str) -> dict:
         raise CheckpointError(f"{path}: not a safetensors file ({str(e).splitlines()[0] if str(e) else e})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a model exported by lctrain export (format {meta.get('format')!r})")
-    for key in ("recipe", "tokenizer_model_b64"):
-        if not isinstance(meta.get(key), str) or not meta[key]:
-            raise CheckpointError(f"{path}: metadata field '{key}' is missing")
+    if not isinstance(meta.get("recipe"), str) or not meta["recipe"]:
+        raise CheckpointError(f"{path}: metadata field 'recipe' is missing")
     if not str(meta.get("step", "0")).isdigit():
         raise CheckpointError(f"{path}: metadata field 'step' must be an integer >= 0, got {meta.get('step')!r}")
-    try:
-        base64.b64decode(meta["tokenizer_model_b64"], validate=True)
+    try:       # optional: `lctrain import` of a checkpoint without a sentencepiece model writes none
+        if "tokenizer_model_b64" in meta:
+            base64.b64decode(meta["tokenizer_model_b64"], validate=True)
+            if not meta["tokenizer_model_b64"]:
+                raise ValueError
     except ValueError:
         raise CheckpointError(f"{path}: metadata field 'tokenizer_model_b64' is not base64") from None
     try:

@@ -41,22 +41,38 @@ class RunLock:
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, LOCK)
         self.fd: Optional[int] = None
-        self.created_dir = False
+        self.created_dir = self.created_lock = False
 
     def acquire(self) -> "RunLock":
         if not os.path.isdir(self.run_dir):
             os.makedirs(self.run_dir)
             self.created_dir = True
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                created = True
+            except FileExistsError:
+                try:
+                    fd, created = os.open(self.path, os.O_RDWR | os.O_CLOEXEC), False
+                except FileNotFoundError:       # removed by a refused start in between: create it
+                    continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise RunDirLocked(f"run dir {self.run_dir} is in use by another trainer ({holder(self.path)}); "
+                                       f"one trainer per run directory: wait for it, stop it, or use another "
+                                       f"--run-dir") from None
+                raise
+            try:       # a refused start removes the lock file it created: locked a removed file? retry
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirLocked(f"run dir {self.run_dir} is in use by another trainer ({holder(self.path)}); "
-                                   f"one trainer per run directory: wait for it, stop it, or use another --run-dir") from None
-            raise
-        self.fd = fd
+        self.fd, self.created_lock = fd, created
         return self
 
     def record_holder(self):
@@ -69,9 +85,10 @@ class RunLock:
     def release(self, failed: bool = False):
         if self.fd is None:
             return
-        if failed and self.created_dir and os.listdir(self.run_dir) == [LOCK]:
-            os.remove(self.path)                 # a start that failed its checks leaves no new directory
-            os.rmdir(self.run_dir)
+        if failed and self.created_lock:         # a start that failed its checks leaves the directory as it was
+            os.remove(self.path)
+            if self.created_dir and not os.listdir(self.run_dir):
+                os.rmdir(self.run_dir)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = None
