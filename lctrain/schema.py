@@ -50,6 +50,9 @@ def suggest(key: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+_YAML_TRUE, _YAML_FALSE = ("on", "yes", "true"), ("off", "no", "false", "disabled")
+
+
 def convert(value: Any, tp, path: str):
     """Check/convert `value` to the annotated type `tp`, or raise ConfigError naming `path`."""
     origin = get_origin(tp)
@@ -70,6 +73,9 @@ def convert(value: Any, tp, path: str):
         raise errors[0] if len(errors) == 1 else ConfigError(
             path, f"expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in get_args(tp)):
+            # YAML 1.1 reads unquoted on/off/yes/no as booleans: take the word the user meant
+            value = next((w for w in (_YAML_TRUE if value else _YAML_FALSE) if w in get_args(tp)), value)
         if value not in get_args(tp):
             fail(path, f"must be one of {', '.join(repr(a) for a in get_args(tp))}, got {value!r}"
                  + suggest(value, get_args(tp)))

@@ -77,3 +77,13 @@ def test_info_reports_counts():
     res = run_cli("info", QUICKSTART)
     assert res.returncode == 0, res.stderr
     assert "non-embedding" in res.stdout and "flops/token" in res.stdout and "resolved recipe" in res.stdout
+
+
+def test_yaml_boolean_words_select_the_option_meant():
+    """YAML 1.1 reads unquoted on/off as booleans; a string option takes the word the user wrote."""
+    path = os.path.join(ROOT, "recipes", "quickstart.yaml")
+    r = load_recipe(path, ["logging.progress=on", "logging.wandb=off"])
+    assert (r.logging.progress, r.logging.wandb) == ("on", "disabled")
+    assert load_recipe(path, ["logging.progress=off"]).logging.progress == "off"
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_recipe(path, ["train.precision=off"])
