@@ -88,7 +88,7 @@ def describe(probe: Probe) -> str:
             "newlines": "the newline token repeated" + (f" after {probe.prefix} held-out tokens (a different "
                                                          "passage per sample)" if probe.prefix else ""),
             "repeat": f"a held-out passage of {probe.period} tokens repeated (a different passage per sample)",
-            "file": f"text file(s) {', '.join(probe.paths)} joined by a blank line"}[probe.kind]
+            "file": f"text files {', '.join(probe.paths)}, joined by a blank line"}[probe.kind]
 
 
 def heldout_docs(recipe, tokenizer, need: Optional[int]) -> tuple[list[np.ndarray], str]:

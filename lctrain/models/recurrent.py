@@ -165,26 +165,10 @@ def _capped(q, k, v, g, scale, state, cap, chunk: int = 64):
             dec = gc.exp() if per_key else gc.exp()[..., None]              # [B, H, C, K or 1]
         # per-head gates: the row sum over k is all the recurrence needs (k_s . ... has no k weighting)
         if not per_key:
-            rsum = rows.sum(-1)                                              # [B, H]: |S|^2
             kv = (kc * sv).sum(-1)                                           # [B, H, C]: k_t^T S_0 v_t
-            kk_ts = kc @ kc.transpose(-1, -2)                                # [B, H, C, C]: k_t . k_s
-            M = kk_ts * vv                                                   # (k_t . k_s)(v_t . v_s)
-            w = torch.zeros(B, H, C, device=dev)                             # weight of token s in S_{t-1}
-            w0 = torch.ones(B, H, device=dev)                                # weight of S_0 in S_{t-1}
+            M = (kc @ kc.transpose(-1, -2)) * vv                             # (k_t . k_s)(v_t . v_s)
             d = dec[..., 0]                                                  # [B, H, C]
-            kn = kk.sum(-1)                                                  # [B, H, C]: |k_t|^2
-            lc = []
-            for t in range(C):
-                dt_ = d[..., t]
-                cross = w0 * kv[..., t] + (w * M[..., t, :]).sum(-1)         # k_t^T S_{t-1} v_t
-                n2 = dt_ * dt_ * rsum + 2 * dt_ * cross + kn[..., t] * vn[..., t]
-                c = torch.clamp(cap / n2.clamp_min(1e-60).sqrt(), max=1.0)
-                rsum = c * c * n2
-                w = w * (c * dt_)[..., None]
-                w0 = w0 * c * dt_
-                w[..., t] = c
-                lc.append(c)
-            cvec = torch.stack(lc, -1)                                       # [B, H, C]
+            cvec = _cap_factors(d, M, kv, kk.sum(-1) * vn, rows.sum(-1), cap.expand(B, H).contiguous())
         else:
             A = torch.einsum("bhsk,bhts->bhtsk", kc, vv)                     # k_s[k] (v_t . v_s)
             w = torch.zeros(B, H, C, K, device=dev)
@@ -210,6 +194,30 @@ def _capped(q, k, v, g, scale, state, cap, chunk: int = 64):
         rows = S.pow(2).sum(-1)
     o = torch.cat(outs, 1)
     return o.to(v.dtype), S
+
+
+@torch.jit.script
+def _cap_factors(d: Tensor, M: Tensor, kv: Tensor, kvn: Tensor, rsum: Tensor, cap: Tensor) -> Tensor:
+    """The cap factors c_t [B, H, C] of one chunk for per-head gates (see `_capped`): d the decays, M[t, s] =
+    (k_t . k_s)(v_t . v_s), kv_t = k_t^T S_0 v_t, kvn_t = |k_t|^2 |v_t|^2, rsum = |S_0|^2. TorchScript: the
+    token loop runs without Python overhead per op."""
+    C = d.shape[-1]
+    w = torch.zeros_like(d)                          # weight of token s's update in S_{t-1}
+    w0 = torch.ones_like(rsum)                       # weight of S_0 in S_{t-1}
+    cap2 = cap * cap
+    out = torch.empty_like(d)
+    for t in range(C):
+        dt = d[:, :, t]
+        cross = w0 * kv[:, :, t] + (w * M[:, :, t]).sum(-1)         # k_t^T S_{t-1} v_t
+        n2 = dt * dt * rsum + 2.0 * dt * cross + kvn[:, :, t]
+        c = torch.clamp(cap * torch.rsqrt(n2.clamp_min(1e-60)), max=1.0)
+        rsum = torch.minimum(n2, cap2)
+        f = c * dt
+        w = w * f.unsqueeze(-1)
+        w0 = w0 * f
+        w[:, :, t] = c
+        out[:, :, t] = c
+    return out
 
 
 def _windowed(q, k, v, g, scale, state, cache: dict, key: str, W: int):
