@@ -41,8 +41,10 @@ def test_parse_probe_specs_and_errors():
     assert parse_probe(" newlines:prefix=8").prefix == 8
     assert parse_probe("repeat:period=32").period == 32 and parse_probe("repeat").period == 64
     assert parse_probe("file:a.txt,b.txt").paths == ("a.txt", "b.txt")
+    assert parse_probe("heldout:samples=16").samples == 16 and parse_probe("heldout:samples=16").name == "heldout:samples=16"
+    assert parse_probe("newlines:samples=2,prefix=4").name == "newlines:prefix=4,samples=2"
     for bad, msg in (("lines", "unknown probe"), ("newlines:period=3", "bad option"), ("repeat:period=x", "integer"),
-                     ("file:", "needs a path"), ("repeat:period=0", "period >= 1"), ("", "expected a probe")):
+                     ("file:", "needs a path"), ("repeat:period=0", "period and samples >= 1"), ("", "expected a probe")):
         with pytest.raises(ConfigError, match=msg) as e:
             parse_probe(bad, "length.probes[0]")
         assert str(e.value).startswith("length.probes[0]") and "\n" not in str(e.value)

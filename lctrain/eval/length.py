@@ -44,7 +44,7 @@ def build_samples(recipe: Recipe, tokenizer, cfg: LengthEvalConfig, probe: Optio
                   ) -> tuple[list[np.ndarray], dict]:
     """The samples of one probe (default: the first of `probe_specs(cfg)`) and their description."""
     pr = parse_probe(probe or probe_specs(cfg)[0])
-    samples, info = build_probe(pr, recipe, tokenizer, cfg.length, cfg.samples, cfg.seed)
+    samples, info = build_probe(pr, recipe, tokenizer, cfg.length, pr.samples or cfg.samples, cfg.seed)
     info["source"] = pr.name
     return samples, info
 

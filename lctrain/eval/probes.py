@@ -15,6 +15,9 @@ A probe is a spec string (a study's `length.probes`, a run's `probes`, `lctrain 
                        a different passage per sample: in-distribution text whose content stops being new.
 - `file:PATH`          a text file (one document; several files: `file:a.txt,b.txt`), joined like heldout.
 
+Every probe but `file` also takes `samples=N` (e.g. `heldout:samples=16`): its own sample count, so a noisy
+probe can get more bootstrap units than a deterministic one.
+
 Parsing does not import torch or read data (recipes validate probes); `build_probe` makes the samples.
 """
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Probe:
     kind: str
     prefix: int = 0                # newlines: held-out tokens before the newline run
     period: int = 64               # repeat: tokens in the repeated passage
+    samples: int = 0               # samples of this probe (0: the length settings' `samples`)
     paths: tuple[str, ...] = ()    # file
 
     @property
@@ -59,7 +63,7 @@ def parse_probe(spec: str, path: str = "--probe") -> Probe:
         if not paths:
             raise ConfigError(path, f"{spec!r}: file needs a path, e.g. file:notes.txt")
         return Probe(f"file:{','.join(paths)}", "file", paths=paths)
-    opts = {"newlines": {"prefix"}, "repeat": {"period"}}.get(kind, set())
+    opts = {"newlines": {"prefix"}, "repeat": {"period"}}.get(kind, set()) | {"samples"}
     vals = {}
     for term in filter(None, rest.split(",")):
         k, eq, v = term.partition("=")
@@ -70,8 +74,8 @@ def parse_probe(spec: str, path: str = "--probe") -> Probe:
             vals[k] = int(v)
         except ValueError:
             raise ConfigError(path, f"{k} must be an integer, got {v!r} in {spec!r}") from None
-    if vals.get("prefix", 0) < 0 or vals.get("period", 1) < 1:
-        raise ConfigError(path, f"{spec!r}: prefix must be >= 0 and period >= 1")
+    if vals.get("prefix", 0) < 0 or vals.get("period", 1) < 1 or vals.get("samples", 1) < 1:
+        raise ConfigError(path, f"{spec!r}: prefix must be >= 0, period and samples >= 1")
     canon = kind + (":" + ",".join(f"{k}={v}" for k, v in sorted(vals.items())) if vals else "")
     return Probe(canon, kind, **vals)
 
