@@ -72,7 +72,11 @@ def cmd_info(args) -> int:
     import torch
     from lctrain.data.dataset import tokenizer_path
     from lctrain.data.tokenizer import Tokenizer
+    from lctrain.eval.study import describe_study, is_study_file
     from lctrain.models import build_model
+    if is_study_file(args.recipe):          # a study recipe (recipes/studies/*.yaml): describe its runs
+        print(describe_study(args.recipe, args.overrides))
+        return 0
     recipe = _load(args)
     cfg = recipe.model
     if cfg.vocab_size == 0:

@@ -195,9 +195,15 @@ class LengthEvalConfig:
     mitigations: list[str] = field(default_factory=lambda: ["none"])   # e.g. decay_scale=2,state_window=256
     chunk_size: int = 2048            # prefill chunk (memory bound for linear models)
     seed: int = 0
+    probes: list[str] = field(default_factory=list)   # lctrain/eval/probes.py; empty: the `source` above
+    warmup: int = 16                  # "within the training length" starts at this position
 
     def validate(self, path):
         require(self.length >= 2, f"{path}.length", f"must be >= 2, got {self.length}")
+        require(self.warmup >= 1, f"{path}.warmup", f"must be >= 1, got {self.warmup}")
+        from lctrain.eval.probes import parse_probe
+        for i, p in enumerate(self.probes):
+            parse_probe(p, f"{path}.probes[{i}]")
         for name in ("samples", "buckets_per_octave", "chunk_size"):
             require(getattr(self, name) > 0, f"{path}.{name}", f"must be positive, got {getattr(self, name)}")
         require(bool(self.mitigations), f"{path}.mitigations", "must list at least one (e.g. none)")

@@ -126,7 +126,7 @@ def test_cli_length_writes_json_and_plots(tiny_run, tmp_path, capsys):
                            "--mitigation", "state_norm=auto", "--out", str(out_dir), "--quiet"], capsys)
     assert code == 0, err
     res = json.loads((out_dir / "length.json").read_text())
-    assert res["train_len"] == SEQ_LEN and res["length"] == 400 and res["input"]["source"] == "concat"
+    assert res["train_len"] == SEQ_LEN and res["length"] == 400 and res["input"]["source"] == "heldout"
     assert list(res["mitigations"]) == ["none", "decay_scale=2,state_window=32", "state_norm=auto"]
     for name, m in res["mitigations"].items():
         assert sum(m["count"]) == 2 * 399 and all(x is not None for x in m["loss"])
@@ -135,6 +135,23 @@ def test_cli_length_writes_json_and_plots(tiny_run, tmp_path, capsys):
     for f in ("length_loss.png", "length_state_norm_none.png", "length_state_norm_decay_scale_2_state_window_32.png",
               "length_state_norm_state_norm_auto.png"):
         assert (out_dir / f).read_bytes()[:8] == PNG, f
+
+
+def test_cli_length_sizes_and_probes(tiny_run, tmp_path, capsys):
+    """`--length 1k` (the one size syntax of every eval flag) and several probes in one call."""
+    out_dir = tmp_path / "probes"
+    code, out, err = _run(["eval", "length", tiny_run["run_dir"], "--length", "0.5k", "--samples", "2",
+                           "--chunk-size", "0.25k", "--probe", "newlines", "--probe", "repeat:period=32",
+                           "--mitigation", "none", "--mitigation", "state_window=auto", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["length"] == 512 and set(summary["probes"]) == {"newlines", "repeat:period=32"}
+    assert "ETA" in err or "ETA" in out                               # progress lines (no TTY: plain lines)
+    res = json.loads((out_dir / "newlines" / "length.json").read_text())
+    assert res["samples"] == 1 and res["input"]["deterministic"] and res["chunk_size"] == 256
+    assert res["mitigations"]["state_window=auto"]["state_window"] == SEQ_LEN       # W = the run's training length
+    res = json.loads((out_dir / "repeat_period_32" / "length.json").read_text())
+    assert res["samples"] == 2 and res["input"]["sample_tokens"] == [512, 512]
 
 
 def test_cli_evaluates_an_exported_model(tiny_run, tmp_path, capsys):
@@ -221,17 +238,20 @@ def test_bad_tokenizer_arguments(tiny_run, tmp_path, capsys):
 
 def test_bad_length_arguments(tiny_run, capsys):
     run = tiny_run["run_dir"]
-    for argv, match in ((["passkey", run, "--lengths", "abc"], "--lengths: expected comma-separated"),
-                        (["passkey", run, "--lengths", "64,0"], "--lengths: must be positive"),
+    for argv, match in ((["passkey", run, "--lengths", "abc"], "--lengths: expected a token count"),
+                        (["passkey", run, "--lengths", "64,0"], "--lengths: must be >= 1"),
                         (["passkey", run, "--lengths", "10"], "shorter than the passkey prompt"),
                         (["passkey", run, "--depths", "0,1.5"], "--depths: must be in [0, 1]"),
                         (["passkey", run, "--samples", "0"], "--samples: must be positive"),
                         (["length", run, "--length", "1"], "--length: must be >= 2"),
-                        (["length", run, "--length", "4k5"], "argument --length: invalid int value"),
-                        (["length", run, "--length", "-3"], "--length: must be positive"),
-                        (["length", run, "--chunk-size", "0"], "--chunk-size: must be positive"),
+                        (["length", run, "--length", "4k5"], "--length: expected a token count like 4096, 16k or 1m"),
+                        (["length", run, "--length", "-3"], "--length: must be >= 2"),
+                        (["length", run, "--chunk-size", "0"], "--chunk-size: must be >= 1"),
+                        (["length", run, "--probe", "lines"], "--probe: unknown probe"),
+                        (["length", run, "--probe", "newlines", "--text", "a.txt"], "either --probe or --text"),
+                        (["length", run, "--mitigation", "state_window=auto*0"], "auto or auto*x"),
                         (["length", run, "--mitigation", "decay=2"], "unknown knob"),
-                        (["length", run, "--text", "/nonexistent.txt", "--length", "64"], "--text: file not found")):
+                        (["length", run, "--text", "/nonexistent.txt", "--length", "64"], "file not found: /nonexistent.txt")):
         try:
             code = main(["eval", *argv])
         except SystemExit as e:          # argparse's own errors exit from parse_args
@@ -281,6 +301,39 @@ def test_study_runs_end_to_end_to_a_report(tiny_run, tmp_path, capsys):
     # a second invocation does not train again (runs resume as finished) and rewrites the report
     code, _, err = _run(["eval", "study", path, "--out", str(out), "--quiet"], capsys)
     assert code == 0, err
+
+
+def test_study_probes_seeds_references_verdicts_and_sweeps(tiny_run, tmp_path, capsys):
+    path = _study(tmp_path, tiny_run, seeds=[0, 1],
+                  runs=[{"name": "short", "set": ["train.seq_len=48"], "reference": "long"},
+                        {"name": "long", "set": [], "probes": ["newlines", "heldout"]}],
+                  length={"length": 300, "samples": 2, "probes": ["newlines", "heldout"], "warmup": 8,
+                          "mitigations": ["none", "state_norm=auto", "state_window=auto", "state_window=auto*2"]},
+                  mitigation_probes=["newlines"], passkey=None)
+    out = tmp_path / "out"
+    code, stdout, err = _run(["eval", "study", path, "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "ETA" in err or "ETA" in stdout
+    data = json.loads((out / "study.json").read_text())
+    verdicts = {(v["run"], v["probe"]): v for v in data["analysis"]["verdicts"]}
+    assert set(verdicts) == {(r, p) for r in ("short", "long") for p in ("newlines", "heldout")}
+    v = verdicts[("short", "newlines")]
+    assert v["reference"] == "long" and v["units_run"] == 2 and v["units_reference"] == 2   # 1 sample x 2 seeds
+    assert v["verdict"] in ("collapse", "no collapse", "inconclusive") and v["ci"][0] <= v["statistic"] <= v["ci"][1]
+    assert verdicts[("short", "heldout")]["units_run"] == 4                                 # 2 samples x 2 seeds
+    own = verdicts[("long", "newlines")]                                   # no reference: its own rise
+    assert own["reference"] is None and own["rise_reference"] is None and own["statistic"] == own["rise_run"]
+    short = data["runs"][0]
+    assert short["seeds"] == [0, 1] and os.path.isdir(out / "runs" / "short" / "seed1")
+    assert list(short["length"]["heldout"]["mitigations"]) == ["none"]                     # mitigations: newlines only
+    mits = short["length"]["newlines"]["mitigations"]
+    assert mits["state_window=auto"]["state_window"] == 48 and mits["state_window=auto*2"]["state_window"] == 96
+    assert len(mits["state_norm=auto"]["head_state_norm"]) == 2                            # per head, per layer
+    assert short["length"]["newlines"]["diagnostics"]["heads"][0]["growth"] is not None
+    report = (out / "report.md").read_text()
+    assert "## Verdicts" in report and "Head diagnostics" in report and "sweep_newlines.png" in report
+    for img in [line.split("](", 1)[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]:
+        assert (out / img).read_bytes()[:8] == PNG, img
 
 
 def test_study_file_errors(tiny_run, tmp_path, capsys):

@@ -13,22 +13,13 @@ from lctrain.schema import ConfigError
 
 
 def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
-    if text is None:
-        return None
-    out = []
-    for part in text.replace(" ", "").split(","):
-        mult = {"k": 1024, "m": 1024 ** 2}.get(part[-1:].lower(), 1)
-        try:
-            v = int(part[:-1] if mult > 1 else part) * mult
-        except ValueError:
-            raise ConfigError(flag, f"expected comma-separated positive integers (k = 1024, m = 1024^2; e.g. "
-                                    f"256,512,1k), got {text!r}") from None
-        if v <= 0:
-            raise ConfigError(flag, f"must be positive, got {v}")
-        out.append(v)
-    if not out:
-        raise ConfigError(flag, "is empty")
-    return out
+    from lctrain.eval.sizes import parse_sizes
+    return parse_sizes(text, flag)
+
+
+def _size(text: Optional[str], flag: str, minimum: int = 1) -> Optional[int]:
+    from lctrain.eval.sizes import parse_size
+    return None if text is None else parse_size(text, flag, minimum)
 
 
 def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
@@ -77,11 +68,12 @@ def cmd_passkey(args) -> int:
     from lctrain.eval.mitigations import parse_mitigation
     from lctrain.eval.passkey import evaluate_passkey
     lengths, depths = _ints(args.lengths, "--lengths"), _floats(args.depths, "--depths")
-    for flag in ("samples", "max_new_tokens", "chunk_size"):
+    args.chunk_size = _size(args.chunk_size, "--chunk-size")
+    for flag in ("samples", "max_new_tokens"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
     mit = parse_mitigation(args.mitigation or "none")
-    if mit.state_norm == "auto":
-        raise ConfigError("--mitigation", "state_norm=auto is resolved by `lctrain eval length`; give a number here")
+    if mit.needs_auto:
+        raise ConfigError("--mitigation", "auto values are resolved by `lctrain eval length`; give numbers here")
     lm = _setup(args)
     cfg = lm.recipe.eval.passkey
     over = {k: v for k, v in (("lengths", lengths), ("depths", depths), ("samples", args.samples),
@@ -105,33 +97,55 @@ def cmd_passkey(args) -> int:
 
 def cmd_length(args) -> int:
     import dataclasses
-    from lctrain.eval.length import build_samples, evaluate_length, write_length_outputs
+    from lctrain.eval.length import (build_samples, evaluate_length, json_ready, probe_specs,
+                                     write_length_outputs)
     from lctrain.eval.mitigations import parse_mitigation
-    for flag in ("length", "samples", "chunk_size", "buckets_per_octave", "train_len"):
+    from lctrain.eval.probes import parse_probe
+    args.length = _size(args.length, "--length", minimum=2)
+    args.chunk_size = _size(args.chunk_size, "--chunk-size")
+    args.train_len = _size(args.train_len, "--train-len")
+    for flag in ("samples", "buckets_per_octave"):
         _positive(getattr(args, flag), "--" + flag.replace("_", "-"))
-    if args.length is not None and args.length < 2:
-        raise ConfigError("--length", f"must be >= 2, got {args.length}")
-    for i, m in enumerate(args.mitigation or []):
+    for m in args.mitigation or []:
         parse_mitigation(m, "--mitigation")
+    for p in args.probe or []:
+        parse_probe(p, "--probe")
+    if args.probe and args.text:
+        raise ConfigError("--probe", "give either --probe or --text (--text FILE is the probe file:FILE)")
     lm = _setup(args)
     cfg = lm.recipe.eval.length
     over = {k: v for k, v in (("length", args.length), ("samples", args.samples), ("source", args.source),
                               ("chunk_size", args.chunk_size), ("buckets_per_octave", args.buckets_per_octave),
-                              ("seed", args.seed), ("mitigations", args.mitigation)) if v is not None}
+                              ("seed", args.seed), ("mitigations", args.mitigation), ("probes", args.probe))
+            if v is not None}
     cfg = dataclasses.replace(cfg, **over)
-    samples, info = build_samples(lm.recipe, lm.tokenizer, cfg, args.text)
     train_len = args.train_len or lm.train_len
-    result = evaluate_length(lm.model, samples, cfg, train_len=train_len, log=_log(args))
-    result = {"model": lm.describe(), "input": info, **result}
     out = args.out or os.path.join(lm.run_dir, "eval")
-    jpath = _write_json(os.path.join(out, f"{args.name}.json"), result)
-    files = write_length_outputs(result, out, title=f"{lm.recipe.name} (trained at {train_len}): per-position loss")
-    summary = {name: {k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k))
-                      for k in ("loss_within_train_len", "loss_beyond_train_len", "loss_last_bucket", "max_state_norm")}
-               for name, r in result["mitigations"].items()}
-    print(json.dumps({"length": result["length"], "train_len": train_len, "peak_rss_mb": round(result["peak_rss_bytes"] / 2 ** 20, 1),
-                      "mitigations": summary, "json": jpath, "png": sorted(files.values())}))
+    probes = probe_specs(cfg, args.text)
+    report = {"length": cfg.length, "train_len": train_len, "probes": {}}
+    for probe in probes:
+        samples, info = build_samples(lm.recipe, lm.tokenizer, cfg, probe)
+        result = evaluate_length(lm.model, samples, cfg, train_len=train_len, log=_log(args), label=probe)
+        pdir = out if len(probes) == 1 else os.path.join(out, _slug(probe))
+        files = write_length_outputs(result, pdir, title=f"{lm.recipe.name} (trained at {train_len}), {probe}")
+        result = {"model": lm.describe(), "input": info, **json_ready(result)}
+        jpath = _write_json(os.path.join(pdir, f"{args.name}.json"), result)
+        summary = {name: {k: (round(r[k], 4) if isinstance(r.get(k), float) else r.get(k))
+                          for k in ("loss_within_train_len", "loss_beyond_train_len", "loss_last_bucket",
+                                    "max_state_norm")}
+                   for name, r in result["mitigations"].items()}
+        report["probes"][probe] = {"mitigations": summary, "json": jpath, "png": sorted(files.values())}
+        report["peak_rss_mb"] = round(result["peak_rss_bytes"] / 2 ** 20, 1)
+    if len(probes) == 1:                    # one probe: the flat summary (as before probes existed)
+        only = report.pop("probes")[probes[0]]
+        report.update(probe=probes[0], **only)
+    print(json.dumps(report))
     return 0
+
+
+def _slug(name: str) -> str:
+    from lctrain.eval.plots import slug
+    return slug(name)
 
 
 def cmd_study(args) -> int:
@@ -165,7 +179,7 @@ def _common(p, name_default: str):
     p.add_argument("--tokenizer", help="tokenizer .model (default: the run directory's tokenizer.model)")
     p.add_argument("--out", help="output directory (default: RUN/eval; next to an exported file)")
     p.add_argument("--name", default=name_default, help=f"output file stem (default: {name_default})")
-    p.add_argument("--chunk-size", type=int, help="prefill chunk in tokens (default: the recipe's eval section)")
+    p.add_argument("--chunk-size", help="prefill chunk in tokens, e.g. 2048 or 2k (default: the recipe's eval section)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -197,16 +211,19 @@ def register(subparsers) -> None:
                        description="State-collapse study of one model: writes OUT/length.json, OUT/length_loss.png "
                                    "and OUT/length_state_norm_<mitigation>.png."))
     _common(p, "length")
-    p.add_argument("--length", type=int, help="tokens per evaluated sequence (e.g. 16384 or 1048576)")
+    p.add_argument("--length", help="tokens per evaluated sequence: 16384, 16k or 1m (k = 1024, m = 1024^2)")
     p.add_argument("--samples", type=int, help="sequences averaged")
     p.add_argument("--source", choices=["concat", "document"], help="concat: held-out docs joined into one stream "
                    "(default); document: the longest held-out documents")
     p.add_argument("--text", nargs="+", metavar="FILE", help="evaluate on these text files instead of held-out data")
+    p.add_argument("--probe", action="append", metavar="PROBE",
+                   help="repeatable; heldout | documents | newlines[:prefix=N] | repeat[:period=N] | file:PATH "
+                        "(default: the recipe's eval.length.probes, else heldout)")
     p.add_argument("--mitigation", action="append", metavar="SPEC",
-                   help="repeatable; none | decay_scale=S | state_norm=C|auto | state_window=W, composable with "
-                        "commas (e.g. decay_scale=1.5,state_window=512)")
+                   help="repeatable; none | decay_scale=S | state_norm=C | state_window=W, each also auto or auto*x "
+                        "(per head / per run), composable with commas (e.g. decay_scale=1.5,state_window=512)")
     p.add_argument("--buckets-per-octave", type=int, help="log-spaced position buckets per doubling")
-    p.add_argument("--train-len", type=int, help="training length to mark (default: the run's train.seq_len)")
+    p.add_argument("--train-len", help="training length to mark, e.g. 64 or 1k (default: the run's train.seq_len)")
     p.set_defaults(fn=cmd_length)
 
     p = _one_line_errors(sub.add_parser("study", help="run a study recipe end to end (train, evaluate, write a markdown report)",

@@ -18,6 +18,7 @@ import torch
 
 from lctrain.config import PasskeyEvalConfig
 from lctrain.data.passkey import CHANCE, PromptBuilder, first_number, random_key
+from lctrain.eval.progress import Progress
 from lctrain.models import InferenceKnobs, LanguageModel
 from lctrain.schema import ConfigError
 
@@ -32,7 +33,8 @@ def check_lengths(builder: PromptBuilder, lengths, path: str = "--lengths") -> N
 
 @torch.no_grad()
 def evaluate_passkey(model: LanguageModel, tokenizer, cfg: PasskeyEvalConfig, *, preamble: bool = True,
-                     knobs: Optional[InferenceKnobs] = None, log: Callable[[str], None] = lambda m: None) -> dict:
+                     knobs: Optional[InferenceKnobs] = None, log: Callable[[str], None] = lambda m: None,
+                     label: str = "") -> dict:
     """Accuracy grid [depth][length] plus every sample's record."""
     builder = PromptBuilder(tokenizer, preamble=preamble)
     check_lengths(builder, cfg.lengths)
@@ -41,6 +43,7 @@ def evaluate_passkey(model: LanguageModel, tokenizer, cfg: PasskeyEvalConfig, *,
     acc = np.zeros((len(cfg.depths), len(cfg.lengths)))
     records = []
     t0 = time.perf_counter()
+    prog = Progress(sum(cfg.lengths) * len(cfg.depths) * cfg.samples, f"{label + ': ' if label else ''}passkey", log=log)
     for li, L in enumerate(cfg.lengths):
         for di, depth in enumerate(cfg.depths):
             rng = random.Random(f"passkey-eval:{cfg.seed}:{L}:{depth}")
@@ -67,6 +70,8 @@ def evaluate_passkey(model: LanguageModel, tokenizer, cfg: PasskeyEvalConfig, *,
                                 "needle_depth": round(p.needle_depth, 4), "key": p.key, "output": out,
                                 "answer": ans, "correct": bool(ok)})
             acc[di, li] = correct / len(prompts)
+            prog.update(L * len(prompts))
+        prog.close()
         log(f"passkey length {L}: accuracy {acc[:, li].mean():.3f} over depths "
             f"({time.perf_counter() - t0:.1f}s)")
     return {"lengths": list(cfg.lengths), "depths": list(cfg.depths), "samples": cfg.samples,

@@ -135,3 +135,90 @@ def lines(x: Sequence, series: dict[str, Sequence[float]], path: str, xlabel: st
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
+
+
+def top_head_curves(positions: Sequence[int], heads: list[dict], path: str, train_len: Optional[int] = None,
+                    title: str = "") -> str:
+    """Mean / variance / max|.| of the state entries vs position for the top heads (one line per head);
+    `heads`: [{"label", "mean": [...], "var": [...], "max": [...]}]."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, stat in zip(axes, ("mean", "var", "max")):
+        for h in heads:
+            ax.plot(positions, np.array([np.nan if v is None else v for v in h[stat]], dtype=float), lw=1.3,
+                    marker="o", ms=2, label=h["label"])
+        _mark_train_len(ax, train_len, label=False)
+        ax.set_xscale("log", base=2)
+        if stat != "mean":
+            ax.set_yscale("log")
+        ax.set_title({"mean": "mean entry", "var": "variance of entries", "max": "max |entry|"}[stat], fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=6)
+    fig.supxlabel("position (tokens)" + (f"; dashed = training length {train_len}" if train_len else ""), fontsize=9)
+    fig.suptitle(title or "state statistics of the heads that grow most past the training length", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def entry_histogram(samples: dict[str, np.ndarray], path: str, title: str = "") -> str:
+    """Histogram of state entries (one series per label, e.g. at the training length and far beyond)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    allv = np.concatenate([np.asarray(v, dtype=float).ravel() for v in samples.values()])
+    lim = float(np.nanmax(np.abs(allv))) or 1.0
+    bins = np.linspace(-lim, lim, 81)
+    for name, v in samples.items():
+        ax.hist(np.asarray(v, dtype=float).ravel(), bins=bins, alpha=0.55, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("state entry value")
+    ax.set_ylabel("count")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "state entries of the top head", fontsize=10)
+    return _save(fig, path)
+
+
+def strength_sweep(series: dict[str, tuple[Sequence[float], Sequence[Optional[float]]]], path: str,
+                   baseline: dict[str, Optional[float]], title: str = "", ylabel: str = "loss beyond the training length") -> str:
+    """Loss vs mitigation strength: one line per (run, knob) -> (strengths, losses); the unmitigated loss
+    of each run dotted."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (name, (x, y)) in enumerate(series.items()):
+        ax.plot(x, [np.nan if v is None else v for v in y], marker="o", ms=4, lw=1.4, label=name, color=f"C{i % 10}")
+    for j, (run, b) in enumerate(baseline.items()):
+        if b is not None:
+            ax.axhline(b, ls=":", lw=1, color="gray")
+            ax.text(ax.get_xlim()[0], b, f" {run}: none", fontsize=7, va="bottom", color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("strength (decay_scale: factor; state_window: tokens; state_norm: cap / in-training norm)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title or "mitigation strength sweep", fontsize=10)
+    return _save(fig, path)
+
+
+def recall_vs_state(points: list[dict], fit: Optional[dict], path: str, title: str = "") -> str:
+    """Max recall length (with CI bars) vs state size, log-log, and the fitted power law."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    x = np.array([p["state"] for p in points], dtype=float)
+    y = np.array([p["recall"] or np.nan for p in points], dtype=float)
+    lo = np.array([p["ci"][0] or np.nan for p in points], dtype=float)
+    hi = np.array([p["ci"][1] or np.nan for p in points], dtype=float)
+    ax.errorbar(x, y, yerr=[np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)], fmt="o", capsize=4, label="max recall length")
+    for p in points:
+        ax.annotate(p["label"], (p["state"], p["recall"] or 1), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    if fit:
+        xs = np.geomspace(x.min(), x.max(), 50)
+        ax.plot(xs, np.exp(fit["intercept"]) * xs ** fit["slope"], "--", label=f"fit: recall ∝ state^{fit['slope']:.2f}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("recurrent state (elements per sequence)")
+    ax.set_ylabel("max context with passkey accuracy >= 0.8 (tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "state capacity", fontsize=10)
+    return _save(fig, path)

@@ -50,6 +50,18 @@ class InferenceKnobs:
     decay_scale: float = 1.0            # multiply the log-decay (Mamba-2: dt) by this
     state_norm: Optional[float] = None  # renormalise each head's state to at most this Frobenius norm
     state_window: Optional[int] = None  # sliding window via state difference: forget tokens older than W
+    # per head, {(layer index, state cache key): {"decay_scale": [H] floats, "state_norm": [H] floats}}:
+    # decay scales multiply `decay_scale`; caps replace `state_norm` (inf: that head uncapped)
+    heads: Optional[dict] = None
+    record_decay: bool = False          # accumulate each head's sum of log-decays (head diagnostics)
+
+    def layer_entries(self) -> dict[int, dict]:
+        """{layer: {"<key>.heads": {"decay_scale"|"state_norm": fp32 tensor [H]}}} for the cache dicts."""
+        out: dict[int, dict] = {}
+        for (layer, key), per in (self.heads or {}).items():
+            out.setdefault(int(layer), {})[f"{key}.heads"] = {
+                name: torch.as_tensor(vals, dtype=torch.float32) for name, vals in per.items() if vals is not None}
+        return out
 
 
 class InferenceCache:
@@ -59,6 +71,8 @@ class InferenceCache:
         self.layers: list[dict] = [dict() for _ in range(n_layers)]
         self.seen = 0
         self.knobs = knobs or InferenceKnobs()
+        for i, entries in self.knobs.layer_entries().items():
+            self.layers[i].update(entries)
 
 
 class Mixer(nn.Module):

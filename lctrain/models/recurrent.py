@@ -11,9 +11,14 @@ Knobs (all off by default; neutral values take the untouched code path, so resul
 - `decay_scale = s`: `g <- s * g` (Mamba-2 passes `g = A dt`, so only dt's effect on the decay is
   scaled, not the input `x dt`). s < 1 forgets more slowly, s > 1 faster. No effect where `g = None`.
 - `state_norm = c`: after every token, each head's state is rescaled to Frobenius norm <= c
-  (`S <- S min(1, c / |S|)`); the output reads the rescaled state. The cap makes the recurrence
-  nonlinear, so this path runs token by token (O(T) Python steps); chunk sizes do not change results.
+  (`S <- S min(1, c / |S|)`); the output reads the rescaled state. Exact, and chunked (see `_capped`):
+  only a scalar recurrence per head runs token by token. `_capped_reference` is the definition.
 - `state_window = W`: the output reads the state of only the last W tokens (see `_windowed`).
+- per head (`knobs.heads[(layer, key)]`, seeded into the layer cache as `<key>.heads` by
+  `InferenceCache`): `{"decay_scale": [H], "state_norm": [H]}` multiply the global decay scale and
+  replace the global cap head by head (a head's cap of inf leaves it uncapped).
+- `record_decay`: accumulate each head's Σ g and token count into `<key>.decay` (head diagnostics:
+  mean log-decay per head, i.e. memory length 1 / -mean(g) tokens).
 """
 from __future__ import annotations
 
@@ -65,10 +70,20 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], *, sc
         return o
     check_cache_docs(ctx)
     knobs = getattr(ctx, "knobs", None)
+    heads = cache.get(key + ".heads") or {}
     if knobs is not None and g is not None and knobs.decay_scale != 1.0:
         g = g * knobs.decay_scale
+    if g is not None and heads.get("decay_scale") is not None:
+        s = heads["decay_scale"].to(g.device, g.dtype)                    # [H]
+        g = g * (s if g.dim() == 3 else s[:, None])
+    if knobs is not None and knobs.record_decay and g is not None:
+        rec = cache.setdefault(key + ".decay", {"sum": 0.0, "tokens": 0})
+        rec["sum"] = rec["sum"] + (g.double().sum((0, 1)) if g.dim() == 3 else g.double().mean(-1).sum((0, 1)))
+        rec["tokens"] += g.shape[0] * g.shape[1]
     state = cache.get(key)
     norm_cap = knobs.state_norm if knobs is not None else None
+    if heads.get("state_norm") is not None:
+        norm_cap = heads["state_norm"]
     window = knobs.state_window if knobs is not None else None
     if norm_cap is not None and window is not None:
         raise ValueError("state_norm and state_window cannot be combined (the window subtracts states)")
@@ -94,11 +109,13 @@ def _run(q, k, v, g, scale, state):
 
 # --- knobs ------------------------------------------------------------------------------------------
 
-def _capped(q, k, v, g, scale, state, cap: float):
-    """Token-by-token recurrence with every head's state norm capped at `cap` after each update."""
+def _capped_reference(q, k, v, g, scale, state, cap):
+    """The definition, token by token: `S_t = n(exp(g_t) S_{t-1} + k_t v_t^T)` with `n(S) = S min(1, c/|S|)`
+    per head (`cap`: a float or a [H] tensor). The test oracle of `_capped`."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     S = torch.zeros(B, H, K, V, dtype=torch.float32, device=q.device) if state is None else state.float()
+    cap = torch.as_tensor(cap, dtype=torch.float32, device=q.device).expand(H)
     outs = []
     for t in range(T):
         if g is not None:
@@ -109,6 +126,98 @@ def _capped(q, k, v, g, scale, state, cap: float):
         S = S * torch.clamp(cap / norm.clamp_min(1e-30), max=1.0)[..., None, None]
         outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t].float(), S))
     return torch.stack(outs, 1).to(v.dtype), S
+
+
+def _capped(q, k, v, g, scale, state, cap, chunk: int = 64):
+    """`_capped_reference` in chunks: the same states and outputs (fp32 rounding aside), ~one primitive call.
+
+    The cap multiplies the state by a scalar `c_t = min(1, cap / n_t)` per (row, head) after each token,
+    so `S_t = diag(c_t exp(g_t)) S_{t-1} + (c_t k_t) v_t^T`: once the factors are known the capped
+    recurrence *is* the primitive with gates `g_t + log c_t` and keys `c_t k_t` (one chunked kernel call).
+    The factors need the pre-cap norms `n_t^2 = |D_t S_{t-1}|^2 + 2 k_t^T D_t S_{t-1} v_t + |k_t|^2 |v_t|^2`
+    (`D_t = diag(exp g_t)`), which a small recurrence gives without forming states: per key row r_t[k] =
+    |S_t[k, :]|^2 and, inside a chunk, `(S_{t-1} v_t)[k] = w0[k] (S_0 v_t)[k] + Σ_s w_s[k] k_s[k] (v_s . v_t)`
+    with the running weights w (products of c and decay since token s). Only this O(C K) recurrence
+    runs token by token (over [B, H, C] tensors for per-head gates, [B, H, C, K] for per-key gates).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dev = q.device
+    S0 = torch.zeros(B, H, K, V, dtype=torch.float32, device=dev) if state is None else state.float()
+    cap = torch.as_tensor(cap, dtype=torch.float32, device=dev).expand(H)
+    per_key = g is not None and g.dim() == 4
+    kf, vf = k.float(), v.float()
+    rows = S0.pow(2).sum(-1)                                                 # [B, H, K]: r[k] = |S[k, :]|^2
+    S, outs = S0, []
+    for c0 in range(0, T, chunk):
+        c1 = min(c0 + chunk, T)
+        C = c1 - c0
+        kc = kf[:, c0:c1].transpose(1, 2)                                    # [B, H, C, K]
+        vc = vf[:, c0:c1].transpose(1, 2)                                    # [B, H, C, V]
+        vv = vc @ vc.transpose(-1, -2)                                       # [B, H, C(t), C(s)]: v_t . v_s
+        sv = torch.einsum("bhkv,bhtv->bhtk", S, vc)                          # [B, H, C, K]: (S_0 v_t)[k]
+        kk = kc.pow(2)                                                       # [B, H, C, K]
+        vn = vv.diagonal(dim1=-2, dim2=-1)                                   # [B, H, C]: |v_t|^2
+        if g is None:
+            dec = torch.ones(B, H, C, 1 if not per_key else K, device=dev)
+        else:
+            gc = g[:, c0:c1].float().transpose(1, 2)                         # [B, H, C] or [B, H, C, K]
+            dec = gc.exp() if per_key else gc.exp()[..., None]              # [B, H, C, K or 1]
+        # per-head gates: the row sum over k is all the recurrence needs (k_s . ... has no k weighting)
+        if not per_key:
+            kv = (kc * sv).sum(-1)                                           # [B, H, C]: k_t^T S_0 v_t
+            M = (kc @ kc.transpose(-1, -2)) * vv                             # (k_t . k_s)(v_t . v_s)
+            d = dec[..., 0]                                                  # [B, H, C]
+            cvec = _cap_factors(d, M, kv, kk.sum(-1) * vn, rows.sum(-1), cap.expand(B, H).contiguous())
+        else:
+            A = torch.einsum("bhsk,bhts->bhtsk", kc, vv)                     # k_s[k] (v_t . v_s)
+            w = torch.zeros(B, H, C, K, device=dev)
+            w0 = torch.ones(B, H, K, device=dev)
+            lc = []
+            for t in range(C):
+                dt_ = dec[:, :, t]                                           # [B, H, K]
+                y = w0 * sv[:, :, t] + (w * A[:, :, t]).sum(-2)              # (S_{t-1} v_t)[k]
+                pre = dt_ * dt_ * rows + 2 * dt_ * kc[:, :, t] * y + kk[:, :, t] * vn[..., t, None]
+                c = torch.clamp(cap / pre.sum(-1).clamp_min(1e-60).sqrt(), max=1.0)   # [B, H]
+                rows = (c * c)[..., None] * pre
+                w = w * (c[..., None] * dt_)[..., None, :]
+                w0 = w0 * c[..., None] * dt_
+                w[:, :, t] = c[..., None]
+                lc.append(c)
+            cvec = torch.stack(lc, -1)
+        lcc = cvec.clamp_min(1e-30).log().transpose(1, 2)                    # [B, C, H]: log c_t
+        gg = lcc if g is None else g[:, c0:c1].float() + (lcc[..., None] if per_key else lcc)
+        o, S = kernels.gated_linear_attention(q[:, c0:c1].float(), kf[:, c0:c1] * lcc.exp()[..., None],
+                                              vf[:, c0:c1], gg, scale=scale, initial_state=S,
+                                              output_final_state=True)
+        outs.append(o)
+        rows = S.pow(2).sum(-1)
+    o = torch.cat(outs, 1)
+    return o.to(v.dtype), S
+
+
+@torch.jit.script
+def _cap_factors(d: Tensor, M: Tensor, kv: Tensor, kvn: Tensor, rsum: Tensor, cap: Tensor) -> Tensor:
+    """The cap factors c_t [B, H, C] of one chunk for per-head gates (see `_capped`): d the decays, M[t, s] =
+    (k_t . k_s)(v_t . v_s), kv_t = k_t^T S_0 v_t, kvn_t = |k_t|^2 |v_t|^2, rsum = |S_0|^2. TorchScript: the
+    token loop runs without Python overhead per op."""
+    C = d.shape[-1]
+    w = torch.zeros_like(d)                          # weight of token s's update in S_{t-1}
+    w0 = torch.ones_like(rsum)                       # weight of S_0 in S_{t-1}
+    cap2 = cap * cap
+    out = torch.empty_like(d)
+    for t in range(C):
+        dt = d[:, :, t]
+        cross = w0 * kv[:, :, t] + (w * M[:, :, t]).sum(-1)         # k_t^T S_{t-1} v_t
+        n2 = dt * dt * rsum + 2.0 * dt * cross + kvn[:, :, t]
+        c = torch.clamp(cap * torch.rsqrt(n2.clamp_min(1e-60)), max=1.0)
+        rsum = torch.minimum(n2, cap2)
+        f = c * dt
+        w = w * f.unsqueeze(-1)
+        w0 = w0 * f
+        w[:, :, t] = c
+        out[:, :, t] = c
+    return out
 
 
 def _windowed(q, k, v, g, scale, state, cache: dict, key: str, W: int):
