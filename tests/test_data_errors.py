@@ -51,7 +51,7 @@ def test_cli_one_line_and_exit_code(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_bytes(b"")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"data: {{source: jsonl, paths: ['{path}'], cache_dir: '{tmp_path / 'cache'}'}}\n")
+    recipe.write_text(f"model: {{arch: mamba2}}\ndata: {{source: jsonl, paths: ['{path}'], cache_dir: '{tmp_path / 'cache'}'}}\n")
     r = run_cli("tokenizer", "train", str(recipe))
     assert r.returncode == 1
     assert r.stderr.strip() == f"lctrain: error: data: {path}: the file is empty", r.stderr

@@ -177,7 +177,8 @@ def test_single_node_launch_listens_on_loopback_only(tmp_path):
         calls = [line for line in trace.read_text().splitlines() if "sa_family=AF_INET" in line]
         assert calls, "strace saw no TCP socket (gloo connects its ranks over loopback)"
         assert not [c for c in calls if "htons(53)" in c], "a DNS query"
-        assert all("127.0.0.1" in c for c in calls), [c for c in calls if "127.0.0.1" not in c][:3]
+        loopback = ("127.0.0.1", '"::1"')         # IPv4 or IPv6 loopback
+        assert all(any(a in c for a in loopback) for c in calls), [c for c in calls if not any(a in c for a in loopback)][:3]
 
 
 def _strace_works() -> bool:
