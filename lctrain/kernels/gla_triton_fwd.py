@@ -23,22 +23,17 @@ def configs(blocks, fixed: dict):
 
 
 def clamp_configs(cfgs, nargs, **kwargs):
-    """early_config_prune: block sizes above the (power-of-two) head dims only add masked lanes, so
-    clamp them to max(16, next_pow2(K)) / (V) and drop the duplicates that makes."""
+    """early_config_prune: block sizes above the (power-of-two) head dims only add masked lanes. Keep
+    the configs whose blocks fit max(16, next_pow2(K)) x (V); if none does (small head dims), the
+    first config clamped to them: small heads get one config, not a search over warps/stages."""
     kp = max(16, triton.next_power_of_2(nargs.get("K", kwargs.get("K", 16))))
     vp = max(16, triton.next_power_of_2(nargs.get("V", kwargs.get("V", 16))))
-    out, seen = [], set()
-    for c in cfgs:
-        kw = dict(c.kwargs)
-        if "BK" in kw:
-            kw["BK"] = min(kw["BK"], kp)
-        if "BV" in kw:
-            kw["BV"] = min(kw["BV"], vp)
-        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-    return out
+    fit = [c for c in cfgs if c.kwargs.get("BK", 0) <= kp and c.kwargs.get("BV", 0) <= vp]
+    if fit:
+        return fit
+    kw = dict(cfgs[0].kwargs)
+    kw.update({n: min(kw[n], cap) for n, cap in (("BK", kp), ("BV", vp)) if n in kw})
+    return [triton.Config(kw, num_warps=cfgs[0].num_warps, num_stages=cfgs[0].num_stages)]
 
 
 def autotune(blocks, fixed, key=("H", "K", "V", "GATE")):
