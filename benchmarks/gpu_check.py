@@ -125,6 +125,7 @@ def _bench_fns(gate: str, T: int, H: int, K: int, V: int, device: str, dtype, dr
             for t in leaves:
                 t.grad = None
             torch.autograd.backward(fn(), cot)
+        run.leaves = leaves
         return run
     fns = {"ours": step(lambda: gated_linear_attention(q, k, v, g, scale=scale, backend="triton")[0],
                         [q, k, v, g], do)}
@@ -169,6 +170,8 @@ def _peak_mb(fn, cuda: bool):
     torch = _torch()
     if not cuda:
         return None
+    for t in fn.leaves:              # the base holds the inputs only, not the last step's gradients
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
