@@ -144,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="all dtypes, production shapes, every autotune config")
     ap.add_argument("--targets", type=int, nargs="*", default=list(TARGETS), help="compute capabilities")
     ap.add_argument("--cache-dir", default=None, help="TRITON_CACHE_DIR (default: a fresh temporary one)")
+    ap.add_argument("--cases", nargs="*", help="--full: only the cases whose name contains one of these")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile processes")
     ap.add_argument("--selftest", action="store_true", help="only check that a compiler error is reported")
     a = ap.parse_args(argv)
@@ -158,7 +159,8 @@ def main(argv=None) -> int:
     from lctrain.kernels.testing import PRODUCTION_CASES, TRITON_CASES
     t0 = time.time()
     if a.full:
-        cases = dict(TRITON_CASES, **PRODUCTION_CASES)
+        cases = {n: c for n, c in dict(TRITON_CASES, **PRODUCTION_CASES).items()
+                 if not a.cases or any(p in n for p in a.cases)}
         dtypes = ["fp32", "bf16", "fp16", "bf16+fp32g"]
         jobs = [(s, cc) for s in launch_specs(record(cases, dtypes), all_configs=True, by_code_path=False)
                 for cc in a.targets]
