@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--targets", type=int, nargs="*", default=list(TARGETS), help="compute capabilities")
     ap.add_argument("--cache-dir", default=None, help="TRITON_CACHE_DIR (default: a fresh temporary one)")
     ap.add_argument("--cases", nargs="*", help="--full: only the cases whose name contains one of these")
+    ap.add_argument("--dtypes", nargs="*", choices=["fp32", "bf16", "fp16", "bf16+fp32g"],
+                    help="--full: only these q/k/v dtypes (bf16+fp32g: fp32 gates)")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile processes")
     ap.add_argument("--selftest", action="store_true", help="only check that a compiler error is reported")
     a = ap.parse_args(argv)
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
     if a.full:
         cases = {n: c for n, c in dict(TRITON_CASES, **PRODUCTION_CASES).items()
                  if not a.cases or any(p in n for p in a.cases)}
-        dtypes = ["fp32", "bf16", "fp16", "bf16+fp32g"]
+        dtypes = a.dtypes or ["fp32", "bf16", "fp16", "bf16+fp32g"]
         jobs = [(s, cc) for s in launch_specs(record(cases, dtypes), all_configs=True, by_code_path=False)
                 for cc in a.targets]
     else:
