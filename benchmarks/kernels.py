@@ -3,6 +3,14 @@
     python benchmarks/kernels.py --quick                       # CPU, T = 1K..4K, a short run
     python benchmarks/kernels.py --out kernels.json            # CPU, T = 1K..64K
     python benchmarks/kernels.py --device cuda --dtype bf16    # GPU: triton vs fla vs flash-attn
+    python benchmarks/kernels.py --saved-bytes                 # CPU: activation bytes autograd keeps
+
+--saved-bytes: bytes per token per layer that autograd saves for the triton backend's backward,
+counted with torch.autograd.graph.saved_tensors_hooks (distinct storages) on CPU under
+TRITON_INTERPRET=1, for every gate kind at H=16, K=V=128 (--dtype, default bf16), today's tree
+beside --baseline REV (default: the last revision that saved the fp32 chunk states h), extracted
+with git archive. Saved tensors are allocated by the host code, so the kernels are not run unless
+--run-kernels (the counts are the same; the interpreter is slow at these shapes).
 
 Every (backend, T) point runs in fresh worker processes, so its peak memory is its own: on CUDA
 torch's peak allocated bytes; on CPU the resident-set high-water mark above the inputs (reset
@@ -24,6 +32,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+BASELINE_REV = "a58db28"   # main before the backward recomputed h (it saved fp32 h from the forward)
 CPU_T = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 GPU_T = [2048, 4096, 8192, 16384, 32768, 65536, 131072]
 
@@ -101,6 +110,82 @@ def worker(a) -> dict:
             "peak_mem_mb": peak / 2 ** 20}
 
 
+def saved_bytes_worker(a) -> dict:
+    """Bytes the triton backend saves for backward, one forward at T tokens (TRITON_INTERPRET=1)."""
+    import torch
+    import triton.runtime.interpreter as interp
+    from lctrain.kernels import gated_linear_attention
+    from lctrain.kernels.testing import gla_inputs
+    if not a.run_kernels:
+        interp.InterpretedFunction.run = lambda self, *args, **kw: None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    q, k, v, g, _ = gla_inputs(a.B, a.T, a.H, a.K, a.V, a.gate)
+    leaves = [None if t is None else t.to(dtype).requires_grad_(True) for t in (q, k, v, g)]
+    saved = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        saved[st.data_ptr()] = (st.nbytes(), list(t.shape), str(t.dtype).replace("torch.", ""))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        gated_linear_attention(*leaves, backend="triton")
+    tokens = a.B * a.T
+    return {"bytes_per_token": sum(b for b, *_ in saved.values()) / tokens,
+            "tensors": sorted(([b / tokens, shape, dt] for b, shape, dt in saved.values()), reverse=True)}
+
+
+def _baseline_tree(rev: str, tmp: str):
+    """lctrain/ of git revision `rev` extracted under tmp (None if git or the revision is missing)."""
+    p = subprocess.run(f"git -C {ROOT} archive {rev} lctrain | tar -x -C {tmp}", shell=True,
+                       capture_output=True, text=True)
+    return tmp if p.returncode == 0 and os.path.isdir(os.path.join(tmp, "lctrain")) else None
+
+
+def saved_bytes_table(args) -> dict:
+    import tempfile
+    gates = ["none", "head", "key"]
+    trees = {"now": ROOT}
+    with tempfile.TemporaryDirectory(prefix="lctrain-baseline-") as tmp:
+        base = _baseline_tree(args.baseline, tmp) if args.baseline else None
+        if base:
+            trees = {f"baseline {args.baseline}": base, "now": ROOT}
+        elif args.baseline:
+            print(f"note: baseline revision {args.baseline} not available (no git checkout?); now only")
+        res = {}
+        for name, tree in trees.items():
+            for gate in gates:
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker-saved", "--gate", gate,
+                       "--T", str(args.T[0] if args.T else 64), "--B", str(args.B), "--H", str(args.H),
+                       "--K", str(args.K), "--V", str(args.V), "--dtype", args.dtype] \
+                    + (["--run-kernels"] if args.run_kernels else [])
+                env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=tree)
+                p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.point_timeout,
+                                   cwd=tree)
+                out = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else \
+                    {"error": (p.stderr or p.stdout).strip().splitlines()[-1:]}
+                res.setdefault(gate, {})[name] = out
+    names = list(trees)
+    kib = lambda r: f"{r['bytes_per_token'] / 1024:.2f}" if "bytes_per_token" in r else "error"
+    print(f"saved activation bytes per token per layer (KiB), triton backend, dtype={args.dtype} "
+          f"H={args.H} K={args.K} V={args.V}, T={args.T[0] if args.T else 64}")
+    head = ["gate"] + names + (["saved less"] if len(names) == 2 else []) + ["largest saved tensors now"]
+    rows = []
+    for gate in gates:
+        r = res[gate]
+        row = [gate] + [kib(r[n]) for n in names]
+        if len(names) == 2:
+            ok = all("bytes_per_token" in r[n] for n in names)
+            row.append(f"{(r[names[0]]['bytes_per_token'] - r['now']['bytes_per_token']) / 1024:.2f}"
+                       if ok else "-")
+        row.append(", ".join(f"{dt}{shape}" for _, shape, dt in r["now"].get("tensors", [])[:5]))
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    return res
+
+
 # ---------------------------------------------------------------------------------------------
 # driver
 
@@ -162,10 +247,30 @@ def main():
     ap.add_argument("--attention-max-t", type=int, default=16384)
     ap.add_argument("--point-timeout", type=int, default=1800)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--saved-bytes", action="store_true", help="saved activation bytes per token "
+                    "(CPU, interpreter) for every gate kind, today vs --baseline; H=16, K=V=128 default")
+    ap.add_argument("--baseline", default=BASELINE_REV, help="git revision for the saved-bytes "
+                    "comparison ('' for none)")
+    ap.add_argument("--run-kernels", action="store_true", help="--saved-bytes: run the kernels too")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-saved", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", help=argparse.SUPPRESS)
     ap.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker_saved:
+        args.T = args.T[0]
+        print(json.dumps(saved_bytes_worker(args)))
+        return
+    if args.saved_bytes:
+        args.dtype = args.dtype or "bf16"
+        if not any(a.startswith(("--H", "--K", "--V")) for a in sys.argv[1:]):
+            args.H, args.K, args.V = 16, 128, 128
+        res = saved_bytes_table(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"config": {k: v for k, v in vars(args).items()}, "saved_bytes": res}, f, indent=2)
+            print("wrote", args.out)
+        return
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     if args.worker:
         args.T = args.T[0]

@@ -5,51 +5,27 @@ import pytest
 import torch
 
 from lctrain.kernels import gated_linear_attention
-from lctrain.kernels.testing import assert_backends_match, gla_inputs, run_with_grads
+from lctrain.kernels.testing import TRITON_CASES, assert_backends_match, case_inputs, gla_inputs, run_with_grads
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(rtol=2e-4, atol=2e-4)
 
 
-def check(B, T, H, K, V, gate, *, decay=1.0, with_state=True, cu=None):
+def check(case: dict):
     """triton (fp32) vs recurrent (fp64, cast back), cotangents on o and on the final state."""
-    n = (len(cu) - 1 if cu is not None else B) if with_state else None
-    q, k, v, g, s0 = gla_inputs(B, T, H, K, V, gate, decay=decay, n_states=n, device=DEV)
-    cu_t = None if cu is None else torch.tensor(cu, device=DEV)
+    q, k, v, g, s0, cu = case_inputs(case, device=DEV)
     d = lambda t: None if t is None else t.double()
-    ref = run_with_grads(d(q), d(k), d(v), d(g), d(s0), backend="recurrent", cu_seqlens=cu_t)
+    ref = run_with_grads(d(q), d(k), d(v), d(g), d(s0), backend="recurrent", cu_seqlens=cu)
     ref = (ref[0].float(), ref[1].float(), {n: t.float() for n, t in ref[2].items()})
-    out = run_with_grads(q, k, v, g, s0, backend="triton", cu_seqlens=cu_t)
+    out = run_with_grads(q, k, v, g, s0, backend="triton", cu_seqlens=cu)
     assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
     assert_backends_match(ref, out, **TOL)
 
 
-# T = 83: two chunks, the second partial; K != V, V not a power of two
-@pytest.mark.parametrize("gate", ["none", "head", "key"])
-@pytest.mark.parametrize("with_state", [False, True])
-def test_triton_matches_recurrent(gate, with_state):
-    check(2 if gate != "key" else 1, 83, 2, 16, 24, gate, with_state=with_state)
-
-
-# an empty document, two length-1 documents, a document over two chunks, boundaries off chunk edges
-CU = [0, 5, 5, 6, 90, 91, 150]
-
-
-@pytest.mark.parametrize("gate", ["none", "head", "key"])
-def test_triton_varlen(gate):
-    check(1, CU[-1], 1 if gate == "key" else 2, 16, 20, gate, cu=CU)
-
-
-@pytest.mark.parametrize("gate", ["head", "key"])
-@pytest.mark.parametrize("decay", [0.1, 10.0, 30.0])
-def test_triton_decay_strengths(gate, decay):
-    check(1, 70, 1, 16, 16, gate, decay=decay)
-
-
-@pytest.mark.parametrize("gate", ["none", "head"])
-def test_triton_several_key_and_value_blocks(gate):
-    # K = 80, V = 72: two 64-wide blocks each, the second partial (per-head dg sums K-block partials)
-    check(1, 70, 1, 80, 72, gate)
+# the cases (shared with the compile check and the GPU check): lctrain.kernels.testing.TRITON_CASES
+@pytest.mark.parametrize("name", list(TRITON_CASES))
+def test_triton_matches_recurrent(name):
+    check(TRITON_CASES[name])
 
 
 def test_triton_output_only_and_no_state():

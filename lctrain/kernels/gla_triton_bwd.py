@@ -2,15 +2,17 @@
 import triton
 import triton.language as tl
 
-from lctrain.kernels.gla_triton_fwd import _row, _row_if, _rows, _scores, _state_ptrs
+from lctrain.kernels.gla_triton_fwd import (FIXED, LOOP_V, PER_K, PER_V, WALK, _row, _row_if, _rows, _scores,
+                                            _state_ptrs, autotune)
 
 
+@autotune(WALK, FIXED)
 @triton.jit
 def _bwd_dh_kernel(q, do, b, dh, dsT, ds0, seq_chunk0, seq_nchunks, chunk_start, chunk_len, scale,
                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_DST: tl.constexpr,
                    STORE_DS0: tl.constexpr, PREC: tl.constexpr):
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     c0 = tl.load(seq_chunk0 + i_n)
     nc = tl.load(seq_nchunks + i_n)
@@ -24,7 +26,7 @@ def _bwd_dh_kernel(q, do, b, dh, dsT, ds0, seq_chunk0, seq_nchunks, chunk_start,
         t0 = tl.load(chunk_start + c).to(tl.int64)
         n = tl.load(chunk_len + c)
         p_h, m_h = _state_ptrs(dh, c, i_h, H, K, V, i_k, i_v, BK, BV)
-        tl.store(p_h, state, mask=m_h)
+        tl.store(p_h, state.to(dh.dtype.element_ty), mask=m_h)
         qt = _rows(q, t0, n, i_k * BK, H, K, i_h, BT, BK).to(tl.float32)
         dot = _rows(do, t0, n, i_v * BV, H, V, i_h, BT, BV)
         if GATE == 1:
@@ -41,11 +43,12 @@ def _bwd_dh_kernel(q, do, b, dh, dsT, ds0, seq_chunk0, seq_nchunks, chunk_start,
         tl.store(p_0, state, mask=m_0)
 
 
+@autotune(PER_V, FIXED)
 @triton.jit
 def _bwd_dv_kernel(q, k, b, A, do, dh, dv, chunk_start, chunk_len, scale, H: tl.constexpr,
                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr):
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
     r = tl.arange(0, BT)
@@ -65,12 +68,16 @@ def _bwd_dv_kernel(q, k, b, A, do, dh, dv, chunk_start, chunk_len, scale, H: tl.
         acc += tl.dot(kt, dht.to(kt.dtype), input_precision=PREC)
     dot = _rows(do, t0, n, i_v * BV, H, V, i_h, BT, BV)
     s = _scores(q, k, b, A, t0, n, i_h, H, K, BT, BK, GATE, PREC)
-    acc += scale * tl.dot(tl.trans(s.to(dot.dtype)), dot, input_precision=PREC)
+    if GATE == 2:   # per-key scores carry the decay: keep them fp32 (fla does too)
+        acc += scale * tl.dot(tl.trans(s), dot.to(tl.float32), input_precision=PREC)
+    else:
+        acc += scale * tl.dot(tl.trans(s.to(dot.dtype)), dot, input_precision=PREC)
     cv = i_v * BV + tl.arange(0, BV)
     p = dv + ((t0 + r)[:, None] * H + i_h) * V + cv[None, :]
     tl.store(p, acc.to(dv.dtype.element_ty), mask=(r[:, None] < n) & (cv[None, :] < V))
 
 
+@autotune(LOOP_V, FIXED, key=("H", "V"))
 @triton.jit
 def _dA_kernel(v, do, dA, chunk_start, chunk_len, scale, H: tl.constexpr, V: tl.constexpr,
                BT: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
@@ -89,13 +96,14 @@ def _dA_kernel(v, do, dA, chunk_start, chunk_len, scale, H: tl.constexpr, V: tl.
     tl.store(p, tl.where(causal, acc * scale, 0.0), mask=(r[:, None] < n))
 
 
+@autotune(PER_K, FIXED, key=("H", "K"))
 @triton.jit
 def _intra_dqk_kernel(q, k, b, dA, dq, dk, chunk_start, chunk_len, H: tl.constexpr,
                       K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                       NS: tl.constexpr, PREC: tl.constexpr):
     """Per-key-dim gates: dq_i = sum_{j<=i} dA_ij k_j e^(b_i-b_j), dk_j = sum_{i>=j} dA_ij q_i e^(b_i-b_j)
     for the rows of sub-block I (fp32, the A-part only)."""
-    i_k, i_ci, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_ci, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_c, i_i = i_ci // NS, i_ci % NS
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
@@ -134,10 +142,10 @@ def _intra_dqk_kernel(q, k, b, dA, dq, dk, chunk_start, chunk_len, H: tl.constex
     dki = dki * tl.exp(tl.where(mi[:, None], bref[None, :] - bi, 0.0))
     # the diagonal sub-block, pair by pair
     for jj in range(0, BC):
-        valid = jj < ni
-        kj = _row_if(k, ti + jj, valid, i_k * BK, H, K, i_h, BK).to(tl.float32)
-        qj = _row_if(q, ti + jj, valid, i_k * BK, H, K, i_h, BK).to(tl.float32)
-        bj = _row_if(b, ti + jj, valid, i_k * BK, H, K, i_h, BK)
+        valid = ri * 0 + jj < ni                            # [BC]: row jj exists (a tensor, see _row_if)
+        kj = _row_if(k, ti + jj, jj, ni, i_k * BK, H, K, i_h, BK).to(tl.float32)
+        qj = _row_if(q, ti + jj, jj, ni, i_k * BK, H, K, i_h, BK).to(tl.float32)
+        bj = _row_if(b, ti + jj, jj, ni, i_k * BK, H, K, i_h, BK)
         col = tl.load(p_dA + i_i * BC + jj, mask=mi & valid, other=0.0)      # dA[i, jj], i in I
         m = (ri >= jj) & mi & valid
         dqi += tl.where(m[:, None], col[:, None] * kj[None, :] * tl.exp(tl.where(m[:, None], bi - bj[None, :], 0.0)), 0.0)
@@ -152,6 +160,7 @@ def _intra_dqk_kernel(q, k, b, dA, dq, dk, chunk_start, chunk_len, H: tl.constex
     tl.store(dk + p_out, dki, mask=m_out)
 
 
+@autotune(LOOP_V, FIXED)
 @triton.jit
 def _bwd_dqk_kernel(q, k, v, b, h, dh, do, dqa, dka, dq, dk, dg, chunk_start, chunk_len, scale, TOT,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
@@ -162,7 +171,7 @@ def _bwd_dqk_kernel(q, k, v, b, h, dh, do, dqa, dka, dq, dk, dg, chunk_start, ch
     so dL/db = q.dq - k.dk, plus the last row's own terms (k exp(b_L - b) and exp(b_L) h_c);
     dg is its reverse cumsum. Per-head gates write one partial dg per K block (summed on the host).
     """
-    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_k, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
     r = tl.arange(0, BT)
@@ -184,7 +193,7 @@ def _bwd_dqk_kernel(q, k, v, b, h, dh, do, dqa, dka, dq, dk, dg, chunk_start, ch
         if GATE < 2:
             ds += tl.dot(dot, tl.trans(vt), input_precision=PREC)
         if GATE > 0:
-            hdh += tl.sum(ht * dht, axis=1)
+            hdh += tl.sum(ht.to(tl.float32) * dht.to(tl.float32), axis=1)
     qt = _rows(q, t0, n, i_k * BK, H, K, i_h, BT, BK)
     kt = _rows(k, t0, n, i_k * BK, H, K, i_h, BT, BK)
     ck = i_k * BK + tl.arange(0, BK)

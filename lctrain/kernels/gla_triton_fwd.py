@@ -1,7 +1,53 @@
-"""Triton kernels of the chunked GLA forward (and the tile helpers the backward shares).
-The work split and the math are described in gla_triton.py."""
+"""Triton kernels of the chunked GLA forward (and the tile helpers and tuning configs the backward
+shares). The work split, the math and the launch grids are described in gla_triton.py."""
+import os
+
 import triton
 import triton.language as tl
+
+# Under TRITON_INTERPRET=1 every kernel uses one fixed config (autotuning there would time numpy).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BLOCKS = (16, 32, 64, 128)      # every BK / BV a config may ask for (after clamping to the head dims)
+
+
+def configs(blocks, fixed: dict):
+    """Autotune configs: `blocks` is a list of (BK, BV, num_warps, num_stages); a None block size is
+    not tuned (the host passes it). `fixed` is the one config of the interpreter."""
+    def cfg(bk, bv, w, s):
+        kw = {n: x for n, x in (("BK", bk), ("BV", bv)) if x is not None}
+        return triton.Config(kw, num_warps=w, num_stages=s)
+    if INTERPRET:   # only the block sizes this family tunes
+        bk, bv = (fixed[n] if x is not None else None for n, x in zip(("BK", "BV"), blocks[0][:2]))
+        return [cfg(bk, bv, 4, 1)]
+    return [cfg(*b) for b in blocks]
+
+
+def clamp_configs(cfgs, nargs, **kwargs):
+    """early_config_prune: block sizes above the (power-of-two) head dims only add masked lanes. Keep
+    the configs whose blocks fit max(16, next_pow2(K)) x (V); if none does (small head dims), the
+    first config clamped to them: small heads get one config, not a search over warps/stages."""
+    kp = max(16, triton.next_power_of_2(nargs.get("K", kwargs.get("K", 16))))
+    vp = max(16, triton.next_power_of_2(nargs.get("V", kwargs.get("V", 16))))
+    fit = [c for c in cfgs if c.kwargs.get("BK", 0) <= kp and c.kwargs.get("BV", 0) <= vp]
+    if fit:
+        return fit
+    kw = dict(cfgs[0].kwargs)
+    kw.update({n: min(kw[n], cap) for n, cap in (("BK", kp), ("BV", vp)) if n in kw})
+    return [triton.Config(kw, num_warps=cfgs[0].num_warps, num_stages=cfgs[0].num_stages)]
+
+
+def autotune(blocks, fixed, key=("H", "K", "V", "GATE")):
+    """triton.autotune keyed on the head shapes, the gate kind (and, by triton, the tensors' dtypes)."""
+    return triton.autotune(configs=configs(blocks, fixed), key=list(key),
+                           prune_configs_by={"early_config_prune": clamp_configs})
+
+
+# (BK, BV, num_warps, num_stages) candidates, few on purpose: each one is a compile on first use
+WALK = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2), (32, 64, 2, 3)]
+PER_V = [(64, 64, 4, 2), (128, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 8, 3)]
+PER_K = [(32, None, 2, 2), (64, None, 4, 2), (64, None, 4, 3), (128, None, 8, 2)]
+LOOP_V = [(None, 64, 4, 2), (None, 128, 8, 2), (None, 64, 4, 3), (None, 32, 2, 2)]
+FIXED = {"BK": 64, "BV": 64}
 
 
 @triton.jit
@@ -21,10 +67,11 @@ def _row(ptr, t, col0, H: tl.constexpr, D: tl.constexpr, i_h, BD: tl.constexpr):
 
 
 @triton.jit
-def _row_if(ptr, t, valid, col0, H: tl.constexpr, D: tl.constexpr, i_h, BD: tl.constexpr):
-    """Row t, or zeros when not valid (never reads past a chunk)."""
+def _row_if(ptr, t, j, n, col0, H: tl.constexpr, D: tl.constexpr, i_h, BD: tl.constexpr):
+    """Row t when j < n, else zeros (never reads past a chunk). The condition is folded into the
+    column bound: a scalar bool in a load mask is rejected by triton >= 3.9's interpreter."""
     c = col0 + tl.arange(0, BD)
-    return tl.load(ptr + (t * H + i_h) * D + c, mask=(c < D) & valid, other=0.0)
+    return tl.load(ptr + (t * H + i_h) * D + c, mask=c < tl.where(j < n, D, 0), other=0.0)
 
 
 @triton.jit
@@ -32,7 +79,7 @@ def _state_ptrs(ptr, idx, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr
                 BK: tl.constexpr, BV: tl.constexpr):
     ck = i_k * BK + tl.arange(0, BK)
     cv = i_v * BV + tl.arange(0, BV)
-    p = ptr + ((idx * H + i_h) * K + ck[:, None]).to(tl.int64) * V + cv[None, :]
+    p = ptr + ((idx.to(tl.int64) * H + i_h) * K + ck[:, None]) * V + cv[None, :]   # > 2^31 at 1M docs
     return p, (ck[:, None] < K) & (cv[None, :] < V)
 
 
@@ -53,12 +100,13 @@ def _cumsum_kernel(g, b, chunk_start, chunk_len, H: tl.constexpr, K: tl.constexp
         tl.store(p, tl.cumsum(x, axis=0), mask=(r[:, None] < n) & (c[None, :] < K))
 
 
+@autotune(WALK, FIXED)
 @triton.jit
 def _fwd_h_kernel(k, v, b, h, s0, sT, seq_chunk0, seq_nchunks, chunk_start, chunk_len,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_S0: tl.constexpr,
                   STORE_ST: tl.constexpr, PREC: tl.constexpr):
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     c0 = tl.load(seq_chunk0 + i_n)
     nc = tl.load(seq_nchunks + i_n)
@@ -72,7 +120,7 @@ def _fwd_h_kernel(k, v, b, h, s0, sT, seq_chunk0, seq_nchunks, chunk_start, chun
         t0 = tl.load(chunk_start + c).to(tl.int64)
         n = tl.load(chunk_len + c)
         p_h, m_h = _state_ptrs(h, c, i_h, H, K, V, i_k, i_v, BK, BV)
-        tl.store(p_h, state, mask=m_h)
+        tl.store(p_h, state.to(h.dtype.element_ty), mask=m_h)
         kt = _rows(k, t0, n, i_k * BK, H, K, i_h, BT, BK).to(tl.float32)
         vt = _rows(v, t0, n, i_v * BV, H, V, i_h, BT, BV)
         if GATE == 1:
@@ -91,6 +139,7 @@ def _fwd_h_kernel(k, v, b, h, s0, sT, seq_chunk0, seq_nchunks, chunk_start, chun
         tl.store(p_t, state, mask=m_t)
 
 
+@autotune(PER_K, FIXED, key=("H", "K"))
 @triton.jit
 def _intra_A_kernel(q, k, b, A, chunk_start, chunk_len, H: tl.constexpr, K: tl.constexpr,
                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, NS: tl.constexpr,
@@ -118,10 +167,9 @@ def _intra_A_kernel(q, k, b, A, chunk_start, chunk_len, H: tl.constexpr, K: tl.c
             acc += tl.dot(qg, tl.trans(kg), input_precision=PREC)
         else:           # diagonal block: exact decay per (i, j) pair, one column at a time
             for jj in range(0, BC):
-                ok = i_j * BC + jj < n
-                kj = _row_if(k, t0 + i_j * BC + jj, ok, kb * BK, H, K, i_h, BK).to(tl.float32)
-                bj = _row_if(b, t0 + i_j * BC + jj, ok, kb * BK, H, K, i_h, BK)
-                m = (ri >= jj) & mi & (i_j * BC + jj < n)
+                kj = _row_if(k, t0 + i_j * BC + jj, i_j * BC + jj, n, kb * BK, H, K, i_h, BK).to(tl.float32)
+                bj = _row_if(b, t0 + i_j * BC + jj, i_j * BC + jj, n, kb * BK, H, K, i_h, BK)
+                m = (ri >= jj) & (i_i * BC + ri < n) & (ri * 0 + i_j * BC + jj < n)
                 e = tl.exp(tl.where(m[:, None], bi - bj[None, :], 0.0))
                 col = tl.sum(tl.where(m[:, None], qi * kj[None, :] * e, 0.0), axis=1)
                 acc += tl.where(ri[None, :] == jj, col[:, None], 0.0)
@@ -150,11 +198,12 @@ def _scores(q, k, b, A, t0, n, i_h, H: tl.constexpr, K: tl.constexpr, BT: tl.con
     return s
 
 
+@autotune(PER_V, FIXED)
 @triton.jit
 def _fwd_o_kernel(q, k, v, b, h, A, o, chunk_start, chunk_len, scale, H: tl.constexpr,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                   BV: tl.constexpr, GATE: tl.constexpr, PREC: tl.constexpr):
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0 = tl.load(chunk_start + i_c).to(tl.int64)
     n = tl.load(chunk_len + i_c)
     r = tl.arange(0, BT)
