@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 
+import pytest
 import yaml
 
 from tests.foundation_utils import run_cli, tiny_recipe_dict
@@ -75,3 +76,23 @@ def rehash(ckpt_dir: str):
             files[rel] = {"bytes": os.path.getsize(os.path.join(ckpt_dir, rel)), "sha256": digest}
     with open(os.path.join(ckpt_dir, "manifest.json"), "w") as f:
         json.dump({"format": "lctrain-manifest/1", "hash": "sha256", "files": files}, f)
+
+
+def quiet(msg):
+    pass
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+@pytest.fixture(scope="module")
+def base(cache_dir, tmp_path_factory):
+    """A 4-step run (checkpoints at steps 2 and 4) and its recipe file (one per test module)."""
+    root = tmp_path_factory.mktemp("base")
+    recipe = recipe_file(root / "r.yaml", cache_dir)
+    run = str(root / "run")
+    res = train_cli(recipe, run)
+    assert res.returncode == 0, res.stderr
+    return recipe, run

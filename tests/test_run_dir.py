@@ -13,26 +13,10 @@ import torch
 from lctrain.train import checkpoint as ckpt
 from lctrain.train.trainer import TrainingError, train
 from tests.foundation_utils import ROOT, read_metrics, run_cli, tiny_recipe
-from tests.rundir_utils import cli, copy_run, error_line, recipe_file, snapshot, train_cli
+from tests.rundir_utils import (base, cache_dir, cli, copy_run, error_line, quiet, recipe_file,  # noqa: F401 (fixtures)
+                                 snapshot, train_cli)
 
 
-def quiet(msg):
-    pass
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
-@pytest.fixture(scope="module")
-def base(cache_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("base")
-    recipe = recipe_file(root / "r.yaml", cache_dir)
-    run = str(root / "run")
-    res = train_cli(recipe, run)
-    assert res.returncode == 0, res.stderr
-    return recipe, run
 
 
 # --- 6. everything validated before the run directory is touched ---------------------------------------

@@ -12,7 +12,8 @@ from lctrain.config import recipe_from_dict
 from lctrain.train import checkpoint as ckpt
 from lctrain.train.trainer import train
 from tests.foundation_utils import tiny_recipe_dict
-from tests.rundir_utils import cli, copy_run, error_line, recipe_file, rehash, snapshot, train_cli
+from tests.rundir_utils import (base, cache_dir, cli, copy_run, error_line, quiet, recipe_file,  # noqa: F401 (fixtures)
+                                 rehash, snapshot, train_cli)
 
 
 class Payload:
@@ -25,24 +26,6 @@ class Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def quiet(msg):
-    pass
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
-@pytest.fixture(scope="module")
-def base(cache_dir, tmp_path_factory):
-    """A 4-step run (checkpoints at steps 2 and 4) and its recipe file."""
-    root = tmp_path_factory.mktemp("base")
-    recipe = recipe_file(root / "r.yaml", cache_dir)
-    run = str(root / "run")
-    res = train_cli(recipe, run)
-    assert res.returncode == 0, res.stderr
-    return recipe, run
 
 
 @pytest.fixture(scope="module")
