@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+import rss  # benchmarks/rss.py (the script's own directory is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BASELINE_REV = "a58db28"   # main before the backward recomputed h (it saved fp32 h from the forward)
@@ -40,12 +42,6 @@ GPU_T = [2048, 4096, 8192, 16384, 32768, 65536, 131072]
 # ---------------------------------------------------------------------------------------------
 # worker: one measurement in its own process
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def _make_inputs(a, torch):
@@ -94,9 +90,7 @@ def worker(a) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                      # reset the RSS high-water mark
-        base = _status_kb("VmRSS") * 1024
+        base = rss.reset_peak()
     cpu_times = []
     for _ in range(a.reps):
         sync()
@@ -105,7 +99,7 @@ def worker(a) -> dict:
         sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
-    peak = (torch.cuda.max_memory_allocated() if a.device == "cuda" else _status_kb("VmHWM") * 1024) - base
+    peak = (torch.cuda.max_memory_allocated() if a.device == "cuda" else rss.peak()) - base
     return {"time_s": min(times), "times_s": times, "cpu_time_s": min(cpu_times),
             "peak_mem_mb": peak / 2 ** 20}
 

@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 
+import rss  # benchmarks/rss.py (the script's own directory is on sys.path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -149,12 +151,6 @@ def make_step(model, T: int, batch: int = 1):
 # ---------------------------------------------------------------------------------------------
 # peak memory: one fresh worker per (model, T)
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def mem_worker(a) -> dict:
@@ -165,11 +161,9 @@ def mem_worker(a) -> dict:
     step()                                   # first-call allocations (and compilation) are not the step's
     import gc
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kb("VmRSS") * 1024
+    base = rss.reset_peak()
     step()
-    return {"peak_mem_mb": (_status_kb("VmHWM") * 1024 - base) / 2 ** 20}
+    return {"peak_mem_mb": (rss.peak() - base) / 2 ** 20}
 
 
 def measure_memory(arch: str, which: str, T: int, threads: int):
