@@ -242,7 +242,8 @@ def write_state(tmp: str, state: dict):
 
 
 # --- integrity: content hashes ---------------------------------------------------------------------
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes (manifests; the exported-tokenizer cache)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -261,7 +262,7 @@ def _files(ckpt: str) -> list[str]:
 def _hash_all(ckpt: str, rels: list[str]) -> list[str]:
     # hashlib releases the GIL on large buffers: files are hashed in parallel (I/O or SHA bound)
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(rels), os.cpu_count() or 1))) as pool:
-        return list(pool.map(lambda r: _sha256(os.path.join(ckpt, r)), rels))
+        return list(pool.map(lambda r: file_sha256(os.path.join(ckpt, r)), rels))
 
 
 def write_manifest(tmp: str) -> dict:

@@ -196,7 +196,7 @@ def load_exported_tokenizer(path: str, dest: Optional[str] = None):
     if dest is None:
         root = os.path.expanduser(os.environ.get("LCTRAIN_CACHE", "~/.cache/lctrain"))
         dest = os.path.join(root, "tokenizers", f"exported-{digest[:32]}.model")
-    if not (os.path.isfile(dest) and _file_sha256(dest) == digest):
+    if not (os.path.isfile(dest) and ckpt.file_sha256(dest) == digest):
         d = os.path.dirname(os.path.abspath(dest))
         os.makedirs(d, mode=0o700, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tokenizer.tmp-", dir=d)
@@ -224,11 +224,6 @@ def export_hf(path: str, out: str) -> dict:
             tok_path = load_exported_tokenizer(model_file, os.path.join(work, "tokenizer.model")).path
         summary = write_hf(model, tok_path, out)
     return {**summary, "source": os.path.abspath(path)}
-
-
-def _file_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cmd_export(args) -> int:
