@@ -35,6 +35,10 @@ class PasskeyDataConfig:
     min_tokens: int = 128             # document length range in tokens (prompt + answer), measured
     max_tokens: int = 256             # with the run's tokenizer; keep max_tokens <= train.seq_len
     preamble: bool = True             # the standard task description before the haystack
+    haystack: Literal["repeat", "text"] = "repeat"   # repeat: the standard repeated sentences; text: windows
+                                      # of the corpus's training split (lctrain/data/passkey.py)
+    needle_every: int = 0             # 0: one needle (the standard protocol); N: one keyed needle per N
+                                      # tokens, the question names the one asked (RULER's multi-key NIAH)
     seed: int = 0
 
     def validate(self, path):
@@ -42,6 +46,8 @@ class PasskeyDataConfig:
         require(self.min_tokens > 0, f"{path}.min_tokens", f"must be positive, got {self.min_tokens}")
         require(self.max_tokens >= self.min_tokens, f"{path}.max_tokens",
                 f"must be >= min_tokens={self.min_tokens}, got {self.max_tokens}")
+        require(self.needle_every == 0 or self.needle_every >= 32, f"{path}.needle_every",
+                f"must be 0 (one needle) or >= 32 tokens (a keyed needle is ~25 tokens), got {self.needle_every}")
 
 
 @dataclass
@@ -174,6 +180,9 @@ class PasskeyEvalConfig:
     max_new_tokens: int = 8           # greedy decoding budget for the answer
     chunk_size: int = 2048            # prefill chunk (memory bound for linear models)
     preamble: Optional[bool] = None   # None: as the run's data.passkey.preamble
+    haystack: Optional[Literal["repeat", "text"]] = None   # None: as the run's data.passkey.haystack; text:
+                                      # windows of the held-out split of the run's corpus
+    needle_every: Optional[int] = None   # None: as the run's data.passkey.needle_every
     seed: int = 1234
 
     def validate(self, path):

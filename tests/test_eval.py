@@ -9,7 +9,8 @@ import torch
 
 from lctrain.config import LengthEvalConfig, recipe_from_dict
 from lctrain.data.corpus import builtin_documents
-from lctrain.data.passkey import (CHANCE, FILLER, NEEDLE, QUESTION, PromptBuilder, first_number, passkey_documents,
+from lctrain.data.passkey import (CHANCE, FILLER, KEYED_NEEDLE, KEYED_QUESTION, NAMES, NEEDLE, QUESTION, PromptBuilder,
+                                  TokenPromptBuilder, first_number, haystack_stream, make_builder, passkey_documents,
                                   random_key, score)
 from lctrain.data.tokenizer import train_tokenizer
 from lctrain.eval.inference import chunk_bounds, chunked_logits, layer_states, log_edges, recurrent_layers, stream
@@ -163,6 +164,93 @@ def test_prompt_depth_extremes_and_digits(tok):
     assert p0.needle_depth == 0.0 and p1.needle_depth == 1.0
     digits = [tok.sp.id_to_piece(i) for i in p0.ids[p0.needle_start:p0.needle_end]]
     assert "".join(d for d in digits if d.isdigit()) == "3141531415"   # one token per digit, twice
+
+
+@pytest.mark.parametrize("preamble", [True, False])
+def test_text_haystack_prompts_are_exact_windows_of_the_stream(tok, preamble):
+    stream = np.arange(5000, dtype=np.int64) % 400 + 100       # distinguishable ids: every window is locatable
+    b = TokenPromptBuilder(tok, stream, preamble=preamble)
+    fixed = b.fixed_tokens()
+    for L in (fixed, fixed + 1, fixed + 97, 1000, 4000):
+        for depth in (0.0, 0.3, 0.5, 1.0):
+            rng = random.Random(f"{L}:{depth}")
+            p = b.build(L, depth, random_key(rng), rng)
+            assert p.n_tokens == L                               # exact for any tokenizer: built in ids
+            F = L - fixed
+            assert p.needle_start - p.filler_start == round(depth * F)
+            assert tok.decode(p.ids[p.needle_start:p.needle_end]).strip() == NEEDLE.format(key=p.key)
+            assert tok.decode(p.ids[p.filler_end:]).strip() == QUESTION
+            window = p.ids[p.filler_start:p.needle_start] + p.ids[p.needle_end:p.filler_end]
+            assert len(window) == F
+            if F:                                               # one contiguous window of the stream
+                start = int(np.nonzero(stream == window[0])[0][0])
+                assert any(np.array_equal(stream[s:s + F], window) for s in range(start, stream.size - F + 1, 400))
+    r1, r2 = random.Random(1), random.Random(1)
+    assert b.build(300, 0.5, "12345", r1).ids == b.build(300, 0.5, "12345", r2).ids        # seeded
+    assert b.build(300, 0.5, "12345", random.Random(1)).ids != b.build(300, 0.5, "12345", random.Random(2)).ids
+    with pytest.raises(ValueError, match="shorter than the prompt without filler"):
+        b.build(fixed - 1, 0.5, "12345")
+    with pytest.raises(ValueError, match="depth"):
+        b.build(500, -0.1, "12345")
+    with pytest.raises(ValueError, match="haystack holds 5000 tokens"):
+        b.build(fixed + 5001, 0.5, "12345")
+
+
+def test_keyed_needles_one_per_n_tokens_and_the_question_names_one(tok):
+    import re
+    b = make_builder(tok, False, None, needle_every=64)            # the repeated sentences, tiled
+    for L in (b.fixed_tokens(), 200, 512, 1024, 2048):
+        for depth in (0.0, 0.5, 1.0):
+            rng = random.Random(f"{L}:{depth}")
+            p = b.build(L, depth, random_key(rng), rng)
+            assert p.n_tokens == L
+            needles = re.findall(r"The pass key of (\w+) is (\d{5})\. Remember it\. (\d{5}) is the pass key of (\w+)\.", p.text)
+            names = [n for n, k, k2, n2 in needles]
+            assert all(k == k2 and n == n2 for n, k, k2, n2 in needles) and len(set(names)) == len(names)
+            assert set(names) <= set(NAMES)
+            assert len(needles) == max(1, L // 64) or L < 64 * 2    # short prompts hold what fits
+            asked = p.text.rsplit("What is the pass key of ", 1)[1].split("?")[0]
+            assert p.text.endswith(KEYED_QUESTION.format(name=asked))
+            assert (asked, p.key) in [(n, k) for n, k, _, _ in needles]
+            assert tok.decode(p.ids[p.needle_start:p.needle_end]).strip() == KEYED_NEEDLE.format(name=asked, key=p.key)
+            assert p.filler_end - p.filler_start == L - len(tok.encode(" " + KEYED_QUESTION.format(name=asked)))
+    with pytest.raises(ValueError, match="more than the 64 names"):
+        b.build(64 * 65, 0.5, "12345", random.Random(0))
+
+
+def test_text_haystack_reads_the_named_split_of_the_corpus(tmp_path, tok):
+    from lctrain.data.corpus import is_validation, iter_documents
+    recipe = recipe_from_dict({"tokenizer": {"path": tok.path},
+                               "data": {"cache_dir": str(tmp_path), "max_bytes": 1000, "val_fraction": 0.2}})
+    held = haystack_stream(recipe.data, tok, validation=True, need=3000)
+    train = haystack_stream(recipe.data, tok, validation=False, need=3000)
+    assert held.size >= 3000 and train.size >= 3000                # data.max_bytes does not limit the haystack
+    docs = [(d, t) for d, t in iter_documents(recipe.data.__class__(max_bytes=None))][:400]
+    first_val = next(t for d, t in docs if is_validation(d, 0.2))
+    first_train = next(t for d, t in docs if not is_validation(d, 0.2))
+    n = 30
+    assert held[:n].tolist() == tok.encode(first_val)[:n] and train[:n].tolist() == tok.encode(first_train)[:n]
+
+
+def test_passkey_documents_with_the_text_haystack(tmp_path, tok):
+    raw = {"tokenizer": {"path": tok.path}, "data": {"cache_dir": str(tmp_path), "passkey": {
+           "docs": 12, "min_tokens": 80, "max_tokens": 200, "preamble": False, "haystack": "text", "seed": 1}}}
+    recipe = recipe_from_dict(raw)
+    docs = list(passkey_documents(recipe))
+    assert len(docs) == 12 and docs == list(passkey_documents(recipe))
+    fillers = set()
+    for _, text in docs:
+        assert 80 - 8 <= len(tok.encode(text)) <= 200 + 8
+        prompt, answer = text.rsplit(QUESTION, 1)
+        before, after = prompt.split(NEEDLE.format(key=answer.strip(" .")))
+        assert answer == f" {answer.strip(' .')}." and FILLER.split(". ")[1] not in prompt   # real text, not the sentences
+        fillers.add(before + after)
+    assert len(fillers) == 12                                       # a fresh window per document
+    repeat = recipe_from_dict({**raw, "data": {**raw["data"], "passkey": {**raw["data"]["passkey"], "haystack": "repeat"}}})
+    from lctrain.data.dataset import token_cache_dir
+    assert token_cache_dir(recipe, tok) != token_cache_dir(repeat, tok)
+    with pytest.raises(ConfigError, match="data.passkey.haystack"):
+        recipe_from_dict({"data": {"passkey": {"haystack": "essays"}}})
 
 
 def test_score_hand_made_outputs():

@@ -119,6 +119,20 @@ def test_cli_passkey_writes_json_and_heatmap(tiny_run, tmp_path, capsys):
     assert (out_dir / "passkey.png").read_bytes()[:8] == PNG
 
 
+def test_cli_passkey_text_haystack(tiny_run, tmp_path, capsys):
+    from lctrain.data.passkey import FILLER
+    out_dir = tmp_path / "pk"
+    code, out, err = _run(["eval", "passkey", tiny_run["run_dir"], "--lengths", "300", "--depths", "0.5",
+                           "--samples", "2", "--haystack", "text", "--out", str(out_dir), "--quiet"], capsys)
+    assert code == 0, err
+    res = json.loads((out_dir / "passkey.json").read_text())
+    assert res["haystack"] == "text" and res["needle_every"] == 0
+    assert all(r["tokens"] == 300 for r in res["records"])
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "passkey", tiny_run["run_dir"], "--lengths", "60", "--haystack", "banana"])
+    assert e.value.code == 2 and "--haystack" in capsys.readouterr().err
+
+
 def test_cli_length_writes_json_and_plots(tiny_run, tmp_path, capsys):
     out_dir = tmp_path / "len"
     code, out, err = _run(["eval", "length", tiny_run["run_dir"], "--length", "400", "--samples", "2",

@@ -24,6 +24,9 @@ class _CharTok:
     def encode(self, text):
         return [ord(c) % 250 + 1 for c in text]
 
+    def encode_batch(self, texts):
+        return [self.encode(t) for t in texts]
+
 
 def _text_recipe(tmp_path):
     paths = []
@@ -181,6 +184,21 @@ def test_length_eval_logs_progress_with_eta():
     evaluate_length(model, [np.arange(200) % 50], LengthEvalConfig(length=200, samples=1, chunk_size=64),
                     train_len=32, log=lines.append)
     assert any("ETA" in x for x in lines), lines
+
+
+def test_study_eta_counts_every_seed_and_each_probes_samples():
+    from lctrain.eval.study import _work, load_study
+    study = load_study(os.path.join(ROOT, "recipes", "studies", "state-collapse.yaml"),
+                       ["seeds=[0, 1, 2]", "length.probes=[newlines, heldout:samples=16]", "length.samples=3",
+                        "mitigation_probes=[newlines]"])
+    stages = _work(study)
+    assert len(dict(stages)) == len(stages)                          # no stage overwrites another
+    runs, seeds = len(study.config.runs), 3
+    assert sum(1 for s, _ in stages if s.startswith("train ")) == runs * seeds
+    T, passes = study.config.length.length, len(study.config.length.mitigations)
+    held = [u for s, u in stages if s.endswith("heldout:samples=16")]
+    nl = [u for s, u in stages if s.endswith(" newlines")]
+    assert held == [16.0 * T] * (runs * seeds) and nl == [3.0 * passes * T] * (runs * seeds)
 
 
 @pytest.mark.parametrize("name", ["state-collapse.yaml", "state-capacity.yaml"])

@@ -153,6 +153,38 @@ def is_validation(doc_id: str, fraction: float) -> bool:
     return h / 2 ** 64 < fraction
 
 
+def split_token_docs(cfg: DataConfig, tokenizer, validation: bool, need: Optional[int]) -> list:
+    """Tokenized documents of one split (validation: the held-out `val_fraction` by doc-id hash, else the
+    training split) of the whole source (`data.max_bytes` does not limit it), in corpus order, until
+    `need` tokens are collected (None: all). Returns a list of 1-D int32 numpy arrays (empty documents
+    left out; the list is empty when the split has none)."""
+    import dataclasses
+
+    import numpy as np
+    full = dataclasses.replace(cfg, max_bytes=None)
+    docs, n, batch = [], 0, []
+
+    def flush() -> bool:                 # tokenizes the batch in one call; True once `need` is reached
+        nonlocal n
+        for ids in tokenizer.encode_batch(batch):
+            if ids:
+                docs.append(np.asarray(ids, dtype=np.int32))
+                n += len(ids)
+            if need is not None and n >= need:
+                return True
+        batch.clear()
+        return False
+
+    for doc_id, text in iter_documents(full):
+        if is_validation(doc_id, cfg.val_fraction) == validation:
+            batch.append(text)
+            if len(batch) >= 64 and flush():
+                return docs
+    if batch:
+        flush()
+    return docs
+
+
 def corpus_fingerprint(cfg: DataConfig) -> str:
     """Identifies the documents a config reads (for caching tokenizers and token files)."""
     parts = [cfg.source, cfg.text_field, str(cfg.max_bytes), str(cfg.val_fraction)]

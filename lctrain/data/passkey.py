@@ -6,7 +6,8 @@ The standard protocol (Mohtashami & Jaggi 2023, "Landmark Attention"; used by Lo
     What is the pass key? The pass key is
 
 The haystack repeats "The grass is green. The sky is blue. The sun is yellow. Here we go. There and
-back again." The needle sits at a relative depth in [0, 1] of the haystack (0: right after the
+back again." (`haystack: repeat`), or is a window of real text (`haystack: text`, TokenPromptBuilder:
+the run's own corpus, as Needle-in-a-Haystack uses essays). The needle sits at a relative depth in [0, 1] of the haystack (0: right after the
 preamble, 1: right before the question). The prompt length is measured in tokens of the model's own
 tokenizer; the answer is scored by `score` (the first number in the output equals the key).
 
@@ -117,8 +118,9 @@ class PromptBuilder:
                 break
         return best[2], best[1]
 
-    def build(self, n_tokens: int, depth: float, key: str) -> PasskeyPrompt:
-        """A prompt of `n_tokens` tokens (question included) with the needle at `depth` of the haystack."""
+    def build(self, n_tokens: int, depth: float, key: str, rng: Optional[random.Random] = None) -> PasskeyPrompt:
+        """A prompt of `n_tokens` tokens (question included) with the needle at `depth` of the haystack
+        (`rng` is unused: the repeated haystack has no randomness)."""
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"passkey: depth must be in [0, 1], got {depth}")
         fixed = self.fixed_tokens(key)
@@ -164,6 +166,143 @@ class PromptBuilder:
                              filler_start=fs, filler_end=fe)
 
 
+# Names of the keyed needles (`needle_every`): short words, none of them in the repeated haystack.
+NAMES = ("red", "black", "white", "orange", "purple", "pink", "brown", "gray", "gold", "silver", "cat", "dog",
+         "fox", "owl", "bee", "ant", "cow", "pig", "hen", "bat", "elk", "yak", "ram", "eel", "apple", "pear",
+         "plum", "lime", "fig", "kiwi", "melon", "grape", "peach", "lemon", "olive", "rice", "corn", "bean",
+         "oak", "elm", "pine", "rose", "lily", "iris", "fern", "moss", "sand", "rock", "hill", "lake", "river",
+         "sea", "moon", "star", "rain", "snow", "wind", "fire", "salt", "milk", "tea", "bread", "cake", "soup")
+KEYED_NEEDLE = "The pass key of {name} is {key}. Remember it. {key} is the pass key of {name}."
+KEYED_QUESTION = "What is the pass key of {name}? The pass key of {name} is"
+
+
+class TokenPromptBuilder:
+    """Passkey prompts built in token ids, so their length is exact for any tokenizer, over a haystack
+    given as a token stream: real text (`haystack: text`, windows of the run's corpus, as
+    Needle-in-a-Haystack uses essays; Kamradt 2023) or the repeated sentences tiled.
+
+    With `needle_every` = N > 0 the prompt holds one keyed needle per N tokens ("The pass key of red is
+    12345. ..."), each with its own name and key, and the question names the one asked: RULER's
+    multi-key needle-in-a-haystack (Hsieh et al. 2024, §3.1). Why it exists: with one needle a selective
+    SSM learns to write only the key into its state and nothing of the haystack, so its recall does not
+    depend on the state size; when the model cannot know at write time which needle will be asked, it
+    has to keep all of them, and the number it can keep apart is bounded by its state ("state capacity",
+    Chen et al. 2024, §5; associative recall vs state size, Arora et al. 2023).
+
+    Layout: [preamble] window[:s] needle window[s:] question, with the other needles (keyed mode) at
+    uniformly random offsets of the window, s = round(depth x window tokens). Fixed parts are encoded as
+    they appear mid-text (leading space). `stream`: 1-D int token ids; each prompt's window starts at an
+    offset drawn from `rng`, as are the other needles' names, keys and places.
+    """
+
+    def __init__(self, tokenizer, stream, preamble: bool = True, needle_every: int = 0):
+        import numpy as np
+        self.tok = tokenizer
+        self.preamble = preamble
+        self.needle_every = needle_every
+        self.stream = np.asarray(stream, dtype=np.int64).reshape(-1)
+        self._pre = tokenizer.encode(PREAMBLE) if preamble else []
+        self._cache: dict[str, list[int]] = {}
+
+    def _ids(self, text: str) -> list[int]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = self._cache[text] = self.tok.encode(" " + text)
+        return ids
+
+    def _needle(self, key: str, name: Optional[str]) -> list[int]:
+        return self.tok.encode(" " + (NEEDLE.format(key=key) if name is None else KEYED_NEEDLE.format(name=name, key=key)))
+
+    def _question(self, name: Optional[str]) -> list[int]:
+        return self._ids(QUESTION if name is None else KEYED_QUESTION.format(name=name))
+
+    def fixed_tokens(self, key: str = "12345") -> int:
+        """Tokens of the prompt without haystack (the longest over names in keyed mode)."""
+        names = NAMES if self.needle_every else (None,)
+        return len(self._pre) + max(len(self._needle(key, n)) + len(self._question(n)) for n in names)
+
+    def build(self, n_tokens: int, depth: float, key: str, rng: Optional[random.Random] = None) -> PasskeyPrompt:
+        """A prompt of exactly `n_tokens` tokens. Raises ValueError for a depth outside [0, 1], a length
+        below `fixed_tokens()`, more keyed needles than NAMES, or a haystack stream shorter than the
+        window the prompt needs."""
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"passkey: depth must be in [0, 1], got {depth}")
+        rng = rng or random.Random(0)
+        if n_tokens < self.fixed_tokens(key):
+            raise ValueError(f"passkey: length {n_tokens} is shorter than the prompt without filler "
+                             f"({self.fixed_tokens(key)} tokens: {'preamble, ' if self.preamble else ''}needle, question)")
+        others: list[list[int]] = []
+        name = None
+        if self.needle_every:
+            count = max(1, n_tokens // self.needle_every)
+            if count > len(NAMES):
+                raise ValueError(f"passkey: {n_tokens} tokens at one needle per {self.needle_every} need {count} "
+                                 f"needles, more than the {len(NAMES)} names")
+            name, *rest = rng.sample(NAMES, count)
+            for other in rest:
+                others.append(self._needle(random_key(rng), other))
+        needle, question = self._needle(key, name), self._question(name)
+        F = n_tokens - len(self._pre) - len(needle) - len(question)
+        while others and sum(map(len, others)) > F:      # short prompts hold fewer needles
+            others.pop()
+        F -= sum(map(len, others))
+        if F > self.stream.size:
+            raise ValueError(f"passkey: the haystack holds {self.stream.size} tokens, fewer than the {F} "
+                             f"a {n_tokens}-token prompt needs")
+        start = rng.randrange(self.stream.size - F + 1)
+        window = self.stream[start:start + F].tolist()
+        split = round(depth * F)
+        inserts = sorted([(split, 1, needle)] + [(rng.randint(0, F), 0, o) for o in others],
+                         key=lambda t: (t[0], t[1]))
+        ids, pos, ns = list(self._pre), 0, 0
+        for at, asked, part in inserts:
+            ids += window[pos:at]
+            pos = at
+            if asked:
+                ns = len(ids)
+            ids += part
+        ids += window[pos:]
+        fe = len(ids)
+        ids += question
+        return PasskeyPrompt(text=self.tok.decode(ids), ids=ids, key=key, depth=depth, needle_start=ns,
+                             needle_end=ns + len(needle), filler_start=len(self._pre), filler_end=fe)
+
+
+def make_builder(tokenizer, preamble: bool, haystack_stream=None, needle_every: int = 0):
+    """The prompt builder: the word-exact repeated-sentence builder for the standard protocol
+    (`haystack_stream` None, one needle), else a TokenPromptBuilder over `haystack_stream` or, without
+    one, over the repeated sentences tiled."""
+    if haystack_stream is None and not needle_every:
+        return PromptBuilder(tokenizer, preamble=preamble)
+    if haystack_stream is None:
+        import numpy as np
+        cycle = tokenizer.encode(" " + FILLER)
+        haystack_stream = np.tile(np.asarray(cycle, dtype=np.int64), 1 + (1 << 17) // len(cycle))
+    return TokenPromptBuilder(tokenizer, haystack_stream, preamble=preamble, needle_every=needle_every)
+
+
+def haystack_stream(data, tokenizer, validation: bool, need: Optional[int]):
+    """The text haystack of a run: documents of one split of its corpus (lctrain.data.corpus
+    split_token_docs; training documents for training, held-out ones for evaluation), joined by a blank
+    line into one int64 stream of at least `need` tokens when the split holds that many.
+    Raises ValueError when the split holds no text."""
+    import numpy as np
+
+    from lctrain.data.corpus import split_token_docs
+    docs = split_token_docs(data, tokenizer, validation=validation, need=need)
+    if not docs:
+        raise ValueError(f"passkey: haystack text: the {'held-out' if validation else 'training'} split of the "
+                         f"run's corpus (data.source={data.source}) has no documents")
+    sep = np.asarray(tokenizer.encode(HAYSTACK_SEPARATOR), dtype=np.int64)
+    parts = []
+    for d in docs:
+        parts += [d.astype(np.int64), sep]
+    return np.concatenate(parts[:-1])
+
+
+HAYSTACK_SEPARATOR = "\n\n"
+
+
 _NUMBER = re.compile(r"\d+")
 
 
@@ -188,6 +327,7 @@ def passkey_documents(recipe) -> Iterator[tuple[str, str]]:
 
     Each document is a prompt of uniformly random token length in [min_tokens, max_tokens] (answer
     included), uniformly random depth and key, followed by the answer " <key>.". Seeded per document.
+    `haystack: text` fills it with windows of the corpus's training split (TokenPromptBuilder).
     """
     cfg = recipe.data.passkey
     if cfg.docs <= 0:
@@ -195,7 +335,10 @@ def passkey_documents(recipe) -> Iterator[tuple[str, str]]:
     from lctrain.data.dataset import tokenizer_path
     from lctrain.data.tokenizer import Tokenizer
     tok = Tokenizer(tokenizer_path(recipe))
-    builder = PromptBuilder(tok, preamble=cfg.preamble)
+    stream = None
+    if cfg.haystack == "text":           # enough training text for a fresh window per document (when the corpus has it)
+        stream = haystack_stream(recipe.data, tok, validation=False, need=cfg.docs * cfg.max_tokens)
+    builder = make_builder(tok, cfg.preamble, stream, cfg.needle_every)
     ans = len(tok.encode(answer_text("12345")))
     lo = max(cfg.min_tokens, builder.fixed_tokens() + ans)
     if cfg.max_tokens < lo:
@@ -204,7 +347,7 @@ def passkey_documents(recipe) -> Iterator[tuple[str, str]]:
     for i in range(cfg.docs):
         rng = random.Random(f"passkey:{cfg.seed}:{i}")
         n = rng.randint(lo, cfg.max_tokens)
-        p = builder.build(n - ans, rng.random(), random_key(rng))
+        p = builder.build(n - ans, rng.random(), random_key(rng), rng)
         yield f"passkey/{cfg.seed}/{i}", p.text + answer_text(p.key)
 
 
@@ -216,6 +359,9 @@ def _tokenizer_text(recipe) -> list[str]:
     if recipe.data.passkey.docs <= 0:
         return []
     sample = " ".join([PREAMBLE] + [FILLER] * 3 + [NEEDLE.format(key="12345"), QUESTION + answer_text("67890")])
+    if recipe.data.passkey.needle_every:          # the keyed needles' names become single pieces too
+        sample += " " + " ".join(KEYED_NEEDLE.format(name=n, key="24680") for n in NAMES)
+        sample += " " + KEYED_QUESTION.format(name="red") + answer_text("13579")
     return [sample] * TOKENIZER_COPIES
 
 

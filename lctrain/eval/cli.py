@@ -66,7 +66,7 @@ def cmd_passkey(args) -> int:
     import dataclasses
     from lctrain.eval import plots
     from lctrain.eval.mitigations import parse_mitigation
-    from lctrain.eval.passkey import evaluate_passkey
+    from lctrain.eval.passkey import evaluate_passkey, prompt_settings
     lengths, depths = _ints(args.lengths, "--lengths"), _floats(args.depths, "--depths")
     args.chunk_size = _size(args.chunk_size, "--chunk-size")
     for flag in ("samples", "max_new_tokens"):
@@ -80,9 +80,11 @@ def cmd_passkey(args) -> int:
                               ("max_new_tokens", args.max_new_tokens), ("chunk_size", args.chunk_size),
                               ("seed", args.seed)) if v is not None}
     cfg = dataclasses.replace(cfg, **over)
-    preamble = args.preamble if args.preamble is not None else (
-        cfg.preamble if cfg.preamble is not None else lm.recipe.data.passkey.preamble)
-    result = evaluate_passkey(lm.model, lm.tokenizer, cfg, preamble=preamble, knobs=mit.knobs(), log=_log(args))
+    try:
+        prompts = prompt_settings(lm.recipe, lm.tokenizer, cfg, preamble=args.preamble, haystack=args.haystack)
+    except ValueError as e:
+        raise ConfigError("--haystack", str(e)) from None
+    result = evaluate_passkey(lm.model, lm.tokenizer, cfg, **prompts, knobs=mit.knobs(), log=_log(args))
     result = {"model": lm.describe(), "mitigation": mit.name, **result}
     out = args.out or os.path.join(lm.run_dir, "eval")
     jpath = _write_json(os.path.join(out, f"{args.name}.json"), result)
@@ -205,6 +207,9 @@ def register(subparsers) -> None:
     g.add_argument("--preamble", dest="preamble", action="store_true", default=None,
                    help="start with the standard task description (default: as the run's data.passkey)")
     g.add_argument("--no-preamble", dest="preamble", action="store_false")
+    p.add_argument("--haystack", choices=["repeat", "text"],
+                   help="repeat: the standard repeated sentences; text: windows of the run's held-out text "
+                        "(default: as the run's data.passkey.haystack)")
     p.set_defaults(fn=cmd_passkey)
 
     p = _one_line_errors(sub.add_parser("length", help="per-position loss and recurrent-state statistics far beyond the training length",

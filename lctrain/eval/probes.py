@@ -97,25 +97,15 @@ def describe(probe: Probe) -> str:
 
 def heldout_docs(recipe, tokenizer, need: Optional[int]) -> tuple[list[np.ndarray], str]:
     """Tokenized held-out documents, in corpus order, until `need` tokens are collected (None: all)."""
-    from lctrain.data.corpus import is_validation, iter_documents
-    data = dataclasses.replace(recipe.data, max_bytes=None)
-    frac = data.val_fraction
+    from lctrain.data.corpus import split_token_docs
+    frac = recipe.data.val_fraction
     if frac <= 0:
         raise ValueError("probe: the run's data.val_fraction is 0, so it has no held-out documents; "
                          "use the newlines or file:PATH probe")
-    docs, n = [], 0
-    for doc_id, text in iter_documents(data):
-        if not is_validation(doc_id, frac):
-            continue
-        ids = np.asarray(tokenizer.encode(text), dtype=np.int32)
-        if ids.size:
-            docs.append(ids)
-            n += ids.size
-        if need is not None and n >= need:
-            break
+    docs = split_token_docs(recipe.data, tokenizer, validation=True, need=need)
     if not docs:
         raise ValueError("probe: the run's corpus has no held-out documents; use the newlines or file:PATH probe")
-    return docs, f"held-out split of the run's corpus (data.source={data.source}, val_fraction={frac})"
+    return docs, f"held-out split of the run's corpus (data.source={recipe.data.source}, val_fraction={frac})"
 
 
 def _file_docs(paths: Sequence[str], tokenizer) -> tuple[list[np.ndarray], str]:

@@ -204,20 +204,22 @@ def _final_metrics(run_dir: str) -> dict:
 def _work(study: Study) -> list[tuple[str, float]]:
     """(stage, work units) of the whole study, for its ETA: 3 units per training token (forward +
     backward), 1 per evaluated token (passes x samples x length, passkey prompt tokens)."""
+    from lctrain.eval.probes import parse_probe
     cfg = study.config
     stages = []
     for run in cfg.runs:
         for seed in study.seeds():
             r = study.recipe(run, seed)
-            stages.append((f"train {run.name}", 3.0 * r.train.steps * r.train.batch_size * r.train.grad_accum
+            stages.append((f"train {run.name} {seed}", 3.0 * r.train.steps * r.train.batch_size * r.train.grad_accum
                            * r.train.seq_len))
             if cfg.length is not None:
                 for p in study.probes(run):
                     passes = len(_mitigations_for(cfg, p))
-                    stages.append((f"length {run.name} {p}", float(passes * cfg.length.samples * cfg.length.length)))
+                    samples = parse_probe(p).samples or cfg.length.samples
+                    stages.append((f"length {run.name} {seed} {p}", float(passes * samples * cfg.length.length)))
             if cfg.passkey is not None:
                 pk = cfg.passkey
-                stages.append((f"passkey {run.name}", float(sum(pk.lengths) * len(pk.depths) * pk.samples)))
+                stages.append((f"passkey {run.name} {seed}", float(sum(pk.lengths) * len(pk.depths) * pk.samples)))
     return stages
 
 
@@ -233,7 +235,7 @@ def run_study(study: Study, out_dir: Optional[str] = None, log: Callable[[str], 
     from lctrain.eval.length import (build_samples, evaluate_length, head_diagnostics, json_ready,
                                      write_length_outputs)
     from lctrain.eval.loading import load_run
-    from lctrain.eval.passkey import evaluate_passkey
+    from lctrain.eval.passkey import evaluate_passkey, prompt_settings
     from lctrain.eval.plots import slug
     from lctrain.eval.progress import Progress
     cfg = study.config
@@ -266,7 +268,7 @@ def run_study(study: Study, out_dir: Optional[str] = None, log: Callable[[str], 
                 log(f"=== {run.name}: training {trained['status']} at step {trained['step']}; stopping the study "
                     "(run the same command to resume)")
                 return ""
-            done(f"train {run.name}")
+            done(f"train {run.name} {seed}")
             lm = load_run(run_dir)
             one = {"seed": seed, "run_dir": run_dir, "model": lm.describe(), "train": {**trained, **_final_metrics(run_dir)},
                    "length": {}, "length_files": {}}
@@ -285,11 +287,11 @@ def run_study(study: Study, out_dir: Optional[str] = None, log: Callable[[str], 
                     res = json_ready(res)
                     _dump(os.path.join(ev_dir, "length.json"), {"model": lm.describe(), **res})
                     one["length"][probe], one["length_files"][probe] = res, files
-                    done(f"length {run.name} {probe}")
+                    done(f"length {run.name} {seed} {probe}")
             if cfg.passkey is not None:
                 log(f"=== {run.name}: passkey grid {cfg.passkey.lengths} x {cfg.passkey.depths}")
-                pk_pre = cfg.passkey.preamble if cfg.passkey.preamble is not None else lm.recipe.data.passkey.preamble
-                res = evaluate_passkey(lm.model, lm.tokenizer, cfg.passkey, preamble=pk_pre,
+                res = evaluate_passkey(lm.model, lm.tokenizer, cfg.passkey,
+                                       **prompt_settings(lm.recipe, lm.tokenizer, cfg.passkey),
                                        log=lambda m: log(f"[{run.name}] {m}"), label=run.name)
                 from lctrain.eval import plots
                 mark, label = lm.passkey_mark()
@@ -300,7 +302,7 @@ def run_study(study: Study, out_dir: Optional[str] = None, log: Callable[[str], 
                 _dump(os.path.join(ev_dir, "passkey.json" if seed is None else f"passkey-seed{seed}.json"),
                       {"model": lm.describe(), **res})
                 one["passkey"], one["passkey_png"] = res, png
-                done(f"passkey {run.name}")
+                done(f"passkey {run.name} {seed}")
             per_seed.append(one)
         results.append(_merge_seeds(run, per_seed))
     analysis = analyse(cfg, results)
@@ -710,7 +712,11 @@ def _passkey_table(results, summary, out) -> list[str]:
     L = ["## Passkey retrieval\n",
          f"{pk['samples']} random 5-digit keys per (length, depth) cell and seed, depths {pk['depths']}, greedy decoding "
          f"of {pk['max_new_tokens']} tokens, correct = first number in the output equals the key "
-         f"(chance {pk['chance']:.1e}); preamble {'on' if pk['preamble'] else 'off'}.\n"]
+         f"(chance {pk['chance']:.1e}); preamble {'on' if pk['preamble'] else 'off'}; haystack: "
+         + ("windows of the run's held-out text" if pk.get("haystack") == "text" else "the repeated sentences")
+         + (f"; one keyed needle (\"The pass key of {{name}} is {{key}}. ...\") per {pk['needle_every']} tokens, the "
+            "question names the one asked (RULER's multi-key needle-in-a-haystack)" if pk.get("needle_every") else "")
+         + ".\n"]
     lengths = pk["lengths"]
     L.append("| run | recurrent state | " + " | ".join(str(n) for n in lengths) + " | overall |")
     L.append("|---|---|" + "---|" * len(lengths) + "---|")
@@ -809,7 +815,12 @@ def describe_study(path: str, overrides: Optional[list[str]] = None) -> str:
                  f"(vs the reference) is above {cfg.verdict.threshold} nats; warm-up {lc.warmup} positions excluded")
     if cfg.passkey is not None:
         pk = cfg.passkey
-        L.append(f"passkey     lengths {pk.lengths} x depths {pk.depths} x {pk.samples} samples")
+        r0 = study.recipe(cfg.runs[0])
+        hay = pk.haystack or r0.data.passkey.haystack
+        every = pk.needle_every if pk.needle_every is not None else r0.data.passkey.needle_every
+        L.append(f"passkey     lengths {pk.lengths} x depths {pk.depths} x {pk.samples} samples; haystack "
+                 + ("windows of held-out text" if hay == "text" else "the repeated sentences")
+                 + (f"; one keyed needle per {every} tokens, the question names one" if every else ""))
     if cfg.kind == "state_capacity":
         L.append(f"capacity    max recall length = longest context with passkey accuracy >= {cfg.capacity.accuracy}")
     L.append(f"run it      lctrain eval study {path}   (writes {cfg.out_dir or os.path.join('runs', 'studies', cfg.name)}/report.md)")
