@@ -11,7 +11,8 @@ from lctrain.config import LengthEvalConfig, recipe_from_dict
 from lctrain.eval.probes import build_probe, parse_probe
 from lctrain.eval.progress import Progress
 from lctrain.eval.sizes import format_size, parse_size, parse_sizes
-from lctrain.eval.study import (VerdictConfig, capacity_point, collapse_verdict, fit_trend, recall_length)
+from lctrain.eval.study import (VerdictConfig, capacity_point, collapse_verdict, fit_trend, recall_length,
+                                 seed_recalls)
 from lctrain.schema import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,6 +144,16 @@ def test_capacity_points_and_trend():
     assert fit["slope"] == pytest.approx(0.5, abs=0.01)                  # recall x2 per state x4
     assert fit["slope_ci"][0] <= fit["slope"] <= fit["slope_ci"][1]
     assert fit_trend(pts[:1]) is None
+
+
+def test_per_seed_recall_lengths():
+    lengths = [64, 128, 256, 512]
+    a, b = _passkey([1, 1, 0.2, 0], lengths), _passkey([1, 0.5, 0, 0], lengths)
+    pooled = {"lengths": lengths, "records": [{**r, "seed": 0} for r in a["records"]]
+              + [{**r, "seed": 1} for r in b["records"]]}
+    assert seed_recalls(pooled, 0.8) == [recall_length([1, 1, 0.2, 0], lengths, 0.8),
+                                         recall_length([1, 0.5, 0, 0], lengths, 0.8)]
+    assert seed_recalls(a, 0.8) == [recall_length([1, 1, 0.2, 0], lengths, 0.8)]     # untagged: one seed
 
 
 # --- one size syntax; progress; info -----------------------------------------------------------------

@@ -356,7 +356,7 @@ def _merge_seeds(run: StudyRun, per_seed: list[dict]) -> dict:
         entry["length"][probe] = merged
     if "passkey" in first:
         pk = dict(first["passkey"])
-        pk["records"] = [r for s in per_seed for r in s["passkey"]["records"]]
+        pk["records"] = [{**r, "seed": s["seed"]} for s in per_seed for r in s["passkey"]["records"]]
         entry["passkey"], entry["passkey_png"] = pk, first["passkey_png"]
     return entry
 
@@ -437,6 +437,21 @@ def capacity_point(passkey: dict, thr: float, resamples: int = 2000, confidence:
             "_boots": boots}
 
 
+def seed_recalls(passkey: dict, thr: float) -> list[Optional[float]]:
+    """Each training seed's own recall length (records tagged "seed" by the study; one entry without
+    tags): the spread across seeds shows how much of a difference between runs training noise explains."""
+    lengths = passkey["lengths"]
+    seeds = sorted({r.get("seed") for r in passkey["records"]}, key=lambda x: (x is None, x))
+    out = []
+    for sd in seeds:
+        acc = []
+        for n in lengths:
+            xs = [r["correct"] for r in passkey["records"] if r["length"] == n and r.get("seed") == sd]
+            acc.append(float(np.mean(xs)) if xs else 0.0)
+        out.append(recall_length(acc, lengths, thr))
+    return out
+
+
 def fit_trend(points: list[dict], seed: int = 0) -> Optional[dict]:
     """Least squares ln(recall) = intercept + slope ln(state) over runs with a recall length; the slope's
     CI from the runs' bootstrap recall samples (needs >= 2 distinct state sizes)."""
@@ -486,7 +501,8 @@ def analyse(cfg: StudyConfig, results: list[dict]) -> dict:
         points = []
         for r in with_pk:
             cp = capacity_point(r["passkey"], cfg.capacity.accuracy)
-            points.append({"name": r["name"], "label": r["label"], "state": r["model"]["state_elements"], **cp})
+            points.append({"name": r["name"], "label": r["label"], "state": r["model"]["state_elements"], **cp,
+                           "recall_by_seed": seed_recalls(r["passkey"], cfg.capacity.accuracy)})
         trend = fit_trend(points)
         ordered = sorted(points, key=lambda p: p["state"])
         recs = [p["recall"] or 0.0 for p in ordered]
@@ -743,14 +759,22 @@ def _capacity_section(cfg, results, analysis, summary, out) -> list[str]:
          f"shorter grid length's, is ≥ {thr}, interpolated in log length between the last passing and the first "
          f"failing grid length; 95% CI from 2000 bootstrap resamples of the prompts of each length. A recall "
          f"length equal to the longest grid length ({lengths[-1]}) is censored (it may be longer).\n",
-         "| run | recurrent state | " + " | ".join(str(n) for n in lengths) + " | max recall length [95% CI] |",
-         "|---|---|" + "---|" * len(lengths) + "---|"]
+         "| run | recurrent state | " + " | ".join(str(n) for n in lengths) + " | max recall length [95% CI] | per seed |",
+         "|---|---|" + "---|" * len(lengths) + "---|---|"]
+    fmt = lambda x, cens=None: ("< " + str(lengths[0]) if x is None else
+                                (f"≥ {x:.0f}" if cens == "above" or x >= lengths[-1] else f"{x:.0f}"))
     for p in sorted(pts, key=lambda p: p["state"]):
-        rec = "< " + str(lengths[0]) if p["recall"] is None else (f"≥ {p['recall']:.0f}" if p["censored"] == "above"
-                                                                  else f"{p['recall']:.0f}")
         L.append(f"| {p['label']} | {p['state']:,} | " + " | ".join(f"{a:.2f}" for a in p["accuracy"])
-                 + f" | {rec} {_ci(p['ci'], 0)} |")
+                 + f" | {fmt(p['recall'], p['censored'])} {_ci(p['ci'], 0)} | "
+                 + ", ".join(fmt(x) for x in p.get("recall_by_seed", [])) + " |")
     L.append("")
+    spread = [p for p in pts if len(p.get("recall_by_seed", [])) > 1]
+    if spread:
+        lo = lambda p: min(x or lengths[0] / 2 for x in p["recall_by_seed"])
+        hi = lambda p: max(x or lengths[0] / 2 for x in p["recall_by_seed"])
+        overlap = any(lo(a) <= hi(b) and lo(b) <= hi(a) for i, a in enumerate(spread) for b in spread[i + 1:])
+        L.append(f"Seeds: the per-seed recall lengths of different state sizes {'overlap' if overlap else 'do not overlap'}"
+                 + (" — training noise is as large as the differences between sizes." if overlap else ".") + "\n")
     fit = cap["fit"]
     if fit:
         L.append(f"Fit over {', '.join(fit['runs'])}: recall length ∝ state^{fit['slope']:.2f} (95% CI of the slope "
