@@ -192,6 +192,8 @@ class PasskeyEvalConfig:
                 f"must be a non-empty list of numbers in [0, 1], got {self.depths}")
         for name in ("samples", "max_new_tokens", "chunk_size"):
             require(getattr(self, name) > 0, f"{path}.{name}", f"must be positive, got {getattr(self, name)}")
+        require(self.needle_every in (None, 0) or self.needle_every >= 32, f"{path}.needle_every",
+                f"must be 0 (one needle) or >= 32 tokens (a keyed needle is ~25 tokens), got {self.needle_every}")
 
 
 @dataclass

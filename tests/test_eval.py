@@ -216,6 +216,12 @@ def test_keyed_needles_one_per_n_tokens_and_the_question_names_one(tok):
             assert p.filler_end - p.filler_start == L - len(tok.encode(" " + KEYED_QUESTION.format(name=asked)))
     with pytest.raises(ValueError, match="more than the 64 names"):
         b.build(64 * 65, 0.5, "12345", random.Random(0))
+    from lctrain.eval.passkey import check_lengths
+    check_lengths(b, [b.fixed_tokens(), 64 * 64])
+    with pytest.raises(ConfigError, match="--lengths: 4160 tokens at one keyed needle per 64 tokens needs 65"):
+        check_lengths(b, [512, 64 * 65])
+    with pytest.raises(ConfigError, match="eval.passkey.needle_every"):
+        recipe_from_dict({"eval": {"passkey": {"needle_every": 8}}})
 
 
 def test_text_haystack_reads_the_named_split_of_the_corpus(tmp_path, tok):

@@ -18,18 +18,24 @@ import numpy as np
 import torch
 
 from lctrain.config import PasskeyEvalConfig
-from lctrain.data.passkey import CHANCE, first_number, haystack_stream, make_builder, random_key
+from lctrain.data.passkey import CHANCE, NAMES, first_number, haystack_stream, make_builder, random_key
 from lctrain.eval.progress import Progress
 from lctrain.models import InferenceKnobs, LanguageModel
 from lctrain.schema import ConfigError
 
 
-def check_lengths(builder: PromptBuilder, lengths, path: str = "--lengths") -> None:
+def check_lengths(builder, lengths, path: str = "--lengths") -> None:
+    """One-line ConfigError naming `path` for a length the builder cannot fill: shorter than the prompt
+    without haystack, or (keyed needles) needing more needles than there are names."""
     fixed = builder.fixed_tokens()
+    every = getattr(builder, "needle_every", 0)
     for n in lengths:
         if n < fixed:
             raise ConfigError(path, f"{n} tokens is shorter than the passkey prompt without any filler "
                                     f"({fixed} tokens with this tokenizer{' and the preamble' if builder.preamble else ''})")
+        if every and n // every > len(NAMES):
+            raise ConfigError(path, f"{n} tokens at one keyed needle per {every} tokens needs {n // every} needles, "
+                                    f"more than the {len(NAMES)} names (at most {every * len(NAMES)} tokens)")
 
 
 def prompt_settings(recipe, tokenizer, cfg: PasskeyEvalConfig, preamble: Optional[bool] = None,
