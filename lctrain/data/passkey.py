@@ -228,9 +228,6 @@ class TokenPromptBuilder:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"passkey: depth must be in [0, 1], got {depth}")
         rng = rng or random.Random(0)
-        if n_tokens < self.fixed_tokens(key):
-            raise ValueError(f"passkey: length {n_tokens} is shorter than the prompt without filler "
-                             f"({self.fixed_tokens(key)} tokens: {'preamble, ' if self.preamble else ''}needle, question)")
         others: list[list[int]] = []
         name = None
         if self.needle_every:
@@ -243,6 +240,9 @@ class TokenPromptBuilder:
                 others.append(self._needle(random_key(rng), other))
         needle, question = self._needle(key, name), self._question(name)
         F = n_tokens - len(self._pre) - len(needle) - len(question)
+        if F < 0:
+            raise ValueError(f"passkey: length {n_tokens} is shorter than the prompt without filler "
+                             f"({n_tokens - F} tokens: {'preamble, ' if self.preamble else ''}needle, question)")
         while others and sum(map(len, others)) > F:      # short prompts hold fewer needles
             others.pop()
         F -= sum(map(len, others))
