@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lctrain.models import InferenceKnobs, LanguageModel, LMConfig
-from lctrain.models.recurrent import _cap_factors, _cap_factors_numpy, _capped, _capped_reference
+from lctrain.models.recurrent import _cap_factors, _cap_factors_cpu, _capped, _capped_reference
 
 
 def _inputs(B, T, H, K, V, gate, growth=1.0):
@@ -18,7 +18,7 @@ def _inputs(B, T, H, K, V, gate, growth=1.0):
 
 
 def test_cap_factor_loops_agree():
-    """The numpy loop (CPU, no autograd) and the TorchScript loop (CUDA, autograd) give the same factors,
+    """The numba loop (CPU, no autograd) and the TorchScript loop (CUDA, autograd) give the same factors,
     with caps that bind on some tokens and not on others."""
     torch.manual_seed(0)
     B, H, C = 2, 5, 64
@@ -27,7 +27,7 @@ def test_cap_factor_loops_agree():
     M = (kk @ kk.transpose(-1, -2)) * (vv @ vv.transpose(-1, -2))
     kv, kvn = torch.randn(B, H, C), kk.pow(2).sum(-1) * vv.pow(2).sum(-1)
     rsum, cap = torch.rand(B, H) * 20, torch.tensor([1.0, 3.0, 10.0, 1e9, 5.0]).expand(B, H).contiguous()
-    a, b = _cap_factors(d, M, kv, kvn, rsum, cap), _cap_factors_numpy(d, M, kv, kvn, rsum, cap)
+    a, b = _cap_factors(d, M, kv, kvn, rsum, cap), _cap_factors_cpu(d, M, kv, kvn, rsum, cap)
     assert 0.0 < a.min() < 1.0 and (a[:, 3] == 1.0).all()              # binding and never-binding heads
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (a - b).abs().max()
 
