@@ -153,6 +153,11 @@ def is_validation(doc_id: str, fraction: float) -> bool:
     return h / 2 ** 64 < fraction
 
 
+# Joins held-out documents into one stream (probes, the text passkey haystack): a blank line, no
+# end-of-document token, so the model's state is not reset between them.
+DOC_SEPARATOR = "\n\n"
+
+
 def split_token_docs(cfg: DataConfig, tokenizer, validation: bool, need: Optional[int]) -> list:
     """Tokenized documents of one split (validation: the held-out `val_fraction` by doc-id hash, else the
     training split) of the whole source (`data.max_bytes` does not limit it), in corpus order, until

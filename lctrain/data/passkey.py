@@ -288,19 +288,16 @@ def haystack_stream(data, tokenizer, validation: bool, need: Optional[int]):
     Raises ValueError when the split holds no text."""
     import numpy as np
 
-    from lctrain.data.corpus import split_token_docs
+    from lctrain.data.corpus import DOC_SEPARATOR, split_token_docs
     docs = split_token_docs(data, tokenizer, validation=validation, need=need)
     if not docs:
         raise ValueError(f"passkey: haystack text: the {'held-out' if validation else 'training'} split of the "
                          f"run's corpus (data.source={data.source}) has no documents")
-    sep = np.asarray(tokenizer.encode(HAYSTACK_SEPARATOR), dtype=np.int64)
+    sep = np.asarray(tokenizer.encode(DOC_SEPARATOR), dtype=np.int64)
     parts = []
     for d in docs:
         parts += [d.astype(np.int64), sep]
     return np.concatenate(parts[:-1])
-
-
-HAYSTACK_SEPARATOR = "\n\n"
 
 
 _NUMBER = re.compile(r"\d+")

@@ -33,7 +33,6 @@ import numpy as np
 from lctrain.schema import ConfigError
 
 KINDS = ("heldout", "documents", "newlines", "repeat", "file")
-SEPARATOR = "\n\n"
 
 
 @dataclass(frozen=True)
@@ -160,7 +159,8 @@ def build_probe(probe: Probe, recipe, tokenizer, length: int, samples: int, seed
     """The probe's token arrays (int32, `length` tokens each; `documents`: up to `length`) and a description
     (JSON-ready: probe, text, documents, pool_tokens, wrapped, sample_tokens, deterministic)."""
     T = length
-    sep = np.asarray(tokenizer.encode(SEPARATOR), dtype=np.int32)
+    from lctrain.data.corpus import DOC_SEPARATOR
+    sep = np.asarray(tokenizer.encode(DOC_SEPARATOR), dtype=np.int32)
     info = {"probe": probe.name, "text": describe(probe), "documents": None, "pool_tokens": None,
             "wrapped": False, "deterministic": False}
     if probe.kind == "newlines":
