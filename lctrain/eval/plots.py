@@ -19,6 +19,14 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_") or "x"
 
 
+def _finish(fig, ax, path: str, title: str, legend_size: int = 8) -> str:
+    """The common tail of a one-axes figure: grid, legend, title, then `_save`."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -78,10 +86,7 @@ def loss_vs_position(curves: dict[str, tuple[Sequence[float], Sequence[Optional[
     ax.set_xscale("log", base=2)
     ax.set_xlabel("position (tokens, log scale)")
     ax.set_ylabel("loss (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "per-position loss", fontsize=10)
-    return _save(fig, path)
+    return _finish(fig, ax, path, title or "per-position loss")
 
 
 def state_vs_position(positions: Sequence[int], layers: list[dict], path: str, stat: str = "norm",
@@ -131,10 +136,7 @@ def lines(x: Sequence, series: dict[str, Sequence[float]], path: str, xlabel: st
         ax.set_ylim(*ylim)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return _finish(fig, ax, path, title)
 
 
 def top_head_curves(positions: Sequence[int], heads: list[dict], path: str, train_len: Optional[int] = None,
@@ -173,10 +175,7 @@ def entry_histogram(samples: dict[str, np.ndarray], path: str, title: str = "") 
     ax.set_yscale("log")
     ax.set_xlabel("state entry value")
     ax.set_ylabel("count")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "state entries of the top head", fontsize=10)
-    return _save(fig, path)
+    return _finish(fig, ax, path, title or "state entries of the top head")
 
 
 def strength_sweep(series: dict[str, tuple[Sequence[float], Sequence[Optional[float]]]], path: str,
@@ -194,10 +193,7 @@ def strength_sweep(series: dict[str, tuple[Sequence[float], Sequence[Optional[fl
     ax.set_xscale("log", base=2)
     ax.set_xlabel("strength (decay_scale: factor; state_window: tokens; state_norm: cap / in-training norm)")
     ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title or "mitigation strength sweep", fontsize=10)
-    return _save(fig, path)
+    return _finish(fig, ax, path, title or "mitigation strength sweep", legend_size=7)
 
 
 def recall_vs_state(points: list[dict], fit: Optional[dict], path: str, title: str = "") -> str:
@@ -218,7 +214,4 @@ def recall_vs_state(points: list[dict], fit: Optional[dict], path: str, title: s
     ax.set_yscale("log", base=2)
     ax.set_xlabel("recurrent state (elements per sequence)")
     ax.set_ylabel("max context with passkey accuracy >= 0.8 (tokens)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "state capacity", fontsize=10)
-    return _save(fig, path)
+    return _finish(fig, ax, path, title or "state capacity")
