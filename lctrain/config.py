@@ -39,6 +39,8 @@ class PasskeyDataConfig:
                                       # of the corpus's training split (lctrain/data/passkey.py)
     needle_every: int = 0             # 0: one needle (the standard protocol); N: one keyed needle per N
                                       # tokens, the question names the one asked (RULER's multi-key NIAH)
+    questions: int = 1                # keyed needles: questions per document (each about another needle,
+                                      # within the same max_tokens; multi-query associative recall)
     seed: int = 0
 
     def validate(self, path):
@@ -48,6 +50,9 @@ class PasskeyDataConfig:
                 f"must be >= min_tokens={self.min_tokens}, got {self.max_tokens}")
         require(self.needle_every == 0 or self.needle_every >= 32, f"{path}.needle_every",
                 f"must be 0 (one needle) or >= 32 tokens (a keyed needle is ~25 tokens), got {self.needle_every}")
+        require(self.questions >= 1, f"{path}.questions", f"must be >= 1, got {self.questions}")
+        require(self.questions == 1 or self.needle_every > 0, f"{path}.questions",
+                f"more than one question needs keyed needles (needle_every > 0), got {self.questions}")
 
 
 @dataclass

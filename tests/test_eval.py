@@ -291,12 +291,37 @@ def test_passkey_documents_source(tmp_path, tok):
         recipe_from_dict({"data": {"passkey": {"docs": 1, "min_tokens": 100, "max_tokens": 50}}})
 
 
+def test_passkey_documents_with_several_questions(tmp_path, tok):
+    import re
+    pk = {"docs": 40, "min_tokens": 100, "max_tokens": 600, "preamble": False, "needle_every": 64, "seed": 2}
+    raw = {"tokenizer": {"path": tok.path}, "data": {"cache_dir": str(tmp_path), "passkey": {**pk, "questions": 4}}}
+    docs = list(passkey_documents(recipe_from_dict(raw)))
+    counts = []
+    for _, text in docs:
+        assert len(tok.encode(text)) <= 600
+        needles = dict(re.findall(r"The pass key of (\w+) is (\d{5})\. Remember", text))
+        asked = re.findall(r"What is the pass key of (\w+)\? The pass key of \1 is (\d{5})\.", text)
+        assert asked and text.endswith(f" {asked[-1][1]}.")
+        assert len({n for n, _ in asked}) == len(asked) <= 4                  # distinct needles, at most 4
+        assert all(needles[n] == k for n, k in asked)                         # each answer is its needle's key
+        first_q = text.index("What is the pass key of")
+        assert all(text.index(f"The pass key of {n} is") < first_q for n in needles)   # needles, then questions
+        counts.append(len(asked))
+    assert max(counts) == 4 and min(counts) < 4                               # short documents ask fewer
+    one = list(passkey_documents(recipe_from_dict({**raw, "data": {**raw["data"], "passkey": pk}})))
+    assert all(t.count("What is") == 1 for _, t in one)
+    with pytest.raises(ConfigError, match="data.passkey.questions: more than one question needs keyed needles"):
+        recipe_from_dict({"data": {"passkey": {"docs": 1, "questions": 2}}})
+    with pytest.raises(ConfigError, match="data.passkey.questions: must be >= 1"):
+        recipe_from_dict({"data": {"passkey": {"docs": 1, "questions": 0, "needle_every": 32}}})
+
+
 def test_token_cache_key_covers_passkey_options(tmp_path, tok):
     from lctrain.data.dataset import token_cache_dir
     base = {"tokenizer": {"path": tok.path}, "data": {"cache_dir": str(tmp_path)}}
     key = lambda pk: token_cache_dir(recipe_from_dict({**base, "data": {**base["data"], "passkey": pk}}), tok)
     keys = [key({}), key({"docs": 10}), key({"docs": 10, "seed": 1}), key({"docs": 10, "max_tokens": 300}),
-            key({"docs": 10, "preamble": False})]
+            key({"docs": 10, "preamble": False}), key({"docs": 10, "needle_every": 32, "questions": 2})]
     assert len(set(keys)) == len(keys)
     assert key({}) == key({"seed": 5})        # no documents mixed in: the options don't matter
 

@@ -53,6 +53,7 @@ class PasskeyPrompt:
     needle_end: int           # one past its last token
     filler_start: int         # token index of the haystack's first token (after the preamble)
     filler_end: int           # one past the haystack's last token (the question follows)
+    others: list = None       # keyed mode: (name, key) of the other needles, in prompt order
 
     @property
     def n_tokens(self) -> int:
@@ -229,6 +230,7 @@ class TokenPromptBuilder:
             raise ValueError(f"passkey: depth must be in [0, 1], got {depth}")
         rng = rng or random.Random(0)
         others: list[list[int]] = []
+        other_keys: list[tuple[str, str]] = []
         name = None
         if self.needle_every:
             count = max(1, n_tokens // self.needle_every)
@@ -237,7 +239,8 @@ class TokenPromptBuilder:
                                  f"needles, more than the {len(NAMES)} names")
             name, *rest = rng.sample(NAMES, count)
             for other in rest:
-                others.append(self._needle(random_key(rng), other))
+                other_keys.append((other, random_key(rng)))
+                others.append(self._needle(other_keys[-1][1], other))
         needle, question = self._needle(key, name), self._question(name)
         F = n_tokens - len(self._pre) - len(needle) - len(question)
         if F < 0:
@@ -245,6 +248,7 @@ class TokenPromptBuilder:
                              f"({n_tokens - F} tokens: {'preamble, ' if self.preamble else ''}needle, question)")
         while others and sum(map(len, others)) > F:      # short prompts hold fewer needles
             others.pop()
+            other_keys.pop()
         F -= sum(map(len, others))
         if F > self.stream.size:
             raise ValueError(f"passkey: the haystack holds {self.stream.size} tokens, fewer than the {F} "
@@ -252,20 +256,23 @@ class TokenPromptBuilder:
         start = rng.randrange(self.stream.size - F + 1)
         window = self.stream[start:start + F].tolist()
         split = round(depth * F)
-        inserts = sorted([(split, 1, needle)] + [(rng.randint(0, F), 0, o) for o in others],
+        inserts = sorted([(split, 1, needle, None)] + [(rng.randint(0, F), 0, o, k) for o, k in zip(others, other_keys)],
                          key=lambda t: (t[0], t[1]))
-        ids, pos, ns = list(self._pre), 0, 0
-        for at, asked, part in inserts:
+        ids, pos, ns, placed = list(self._pre), 0, 0, []
+        for at, asked, part, name_key in inserts:
             ids += window[pos:at]
             pos = at
             if asked:
                 ns = len(ids)
+            else:
+                placed.append(name_key)
             ids += part
         ids += window[pos:]
         fe = len(ids)
         ids += question
         return PasskeyPrompt(text=self.tok.decode(ids), ids=ids, key=key, depth=depth, needle_start=ns,
-                             needle_end=ns + len(needle), filler_start=len(self._pre), filler_end=fe)
+                             needle_end=ns + len(needle), filler_start=len(self._pre), filler_end=fe,
+                             others=placed)
 
 
 def make_builder(tokenizer, preamble: bool, haystack_stream=None, needle_every: int = 0):
@@ -322,9 +329,13 @@ def answer_text(key: str) -> str:
 def passkey_documents(recipe) -> Iterator[tuple[str, str]]:
     """Synthetic passkey documents for `recipe.data.passkey` (none when `docs` is 0).
 
-    Each document is a prompt of uniformly random token length in [min_tokens, max_tokens] (answer
+    Each document is a prompt of uniformly random token length in [min_tokens, max_tokens] (answers
     included), uniformly random depth and key, followed by the answer " <key>.". Seeded per document.
     `haystack: text` fills it with windows of the corpus's training split (TokenPromptBuilder).
+    Keyed needles with `questions` = Q > 1: the prompt is followed by up to Q - 1 more questions, each
+    naming another of its needles and followed by that needle's answer (multi-query associative recall,
+    Arora et al. 2023, "Zoology" §3: Q answers to learn from per document instead of one); they take
+    their tokens from the same length budget, so a document never exceeds max_tokens.
     """
     cfg = recipe.data.passkey
     if cfg.docs <= 0:
@@ -341,11 +352,18 @@ def passkey_documents(recipe) -> Iterator[tuple[str, str]]:
     if cfg.max_tokens < lo:
         raise ValueError(f"data.passkey.max_tokens: {cfg.max_tokens} is shorter than the shortest passkey "
                          f"document ({lo} tokens with this tokenizer)")
+    extra = 0                            # tokens of one more question and its answer (the longest name)
+    if cfg.needle_every and cfg.questions > 1:
+        extra = ans + max(len(builder._question(n)) for n in NAMES)
     for i in range(cfg.docs):
         rng = random.Random(f"passkey:{cfg.seed}:{i}")
         n = rng.randint(lo, cfg.max_tokens)
-        p = builder.build(n - ans, rng.random(), random_key(rng), rng)
-        yield f"passkey/{cfg.seed}/{i}", p.text + answer_text(p.key)
+        k = min(cfg.questions - 1, (n - lo) // extra) if extra else 0     # extra questions that fit
+        p = builder.build(n - ans - k * extra, rng.random(), random_key(rng), rng)
+        text = p.text + answer_text(p.key)
+        for name, key in rng.sample(p.others or [], min(k, len(p.others or []))):
+            text += " " + KEYED_QUESTION.format(name=name) + answer_text(key)
+        yield f"passkey/{cfg.seed}/{i}", text
 
 
 TOKENIZER_COPIES = 1000     # ~0.45 MB of protocol text in the tokenizer's training sample
