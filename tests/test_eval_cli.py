@@ -350,6 +350,23 @@ def test_study_probes_seeds_references_verdicts_and_sweeps(tiny_run, tmp_path, c
         assert (out / img).read_bytes()[:8] == PNG, img
 
 
+def test_study_trains_runs_side_by_side_as_one_at_a_time(tiny_run, tmp_path, capsys):
+    """jobs: 2 trains the (run, seed) pairs in two spawned processes; with the same threads per run the
+    losses are those of training one run after another."""
+    final = {}
+    for jobs, threads in ((2, 2), (1, 1)):
+        path = _study(tmp_path, tiny_run, kind="state_capacity", length=None, seeds=[0, 1], jobs=jobs, threads=threads)
+        out = tmp_path / f"out{jobs}"
+        code, _, err = _run(["eval", "study", path, "--out", str(out), "--quiet"], capsys)
+        assert code == 0, err
+        runs = json.loads((out / "study.json").read_text())["runs"]
+        final[jobs] = [(r["name"], seed, t["final_loss"]) for r in runs for seed, t in zip(r["seeds"], r["train_by_seed"])]
+        assert all(os.path.isdir(out / "runs" / r / f"seed{k}") for r in ("short", "long") for k in (0, 1))
+    assert final[2] == final[1] and len(final[1]) == 4 and all(loss is not None for *_, loss in final[1])
+    code, _, err = _run(["eval", "study", _study(tmp_path, tiny_run, jobs=0)], capsys)
+    _one_line_error(code, err, "jobs: must be >= 1")
+
+
 def test_study_file_errors(tiny_run, tmp_path, capsys):
     for over, match in (({"length": None}, "length: a state_collapse study needs the length settings"),
                         ({"kind": "capacity"}, "kind: must be one of"),

@@ -211,7 +211,12 @@ def recall_vs_state(points: list[dict], fit: Optional[dict], path: str, title: s
         xs = np.geomspace(x.min(), x.max(), 50)
         ax.plot(xs, np.exp(fit["intercept"]) * xs ** fit["slope"], "--", label=f"fit: recall ∝ state^{fit['slope']:.2f}")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
+    if np.isfinite(y).any():
+        ax.set_yscale("log", base=2)
+    else:                  # no run reaches the accuracy at any length: nothing to put on a log axis
+        ax.set_ylim(0, 1)
+        ax.text(0.5, 0.5, "no run reaches the accuracy at any evaluated length", transform=ax.transAxes,
+                ha="center", va="center", fontsize=9)
     ax.set_xlabel("recurrent state (elements per sequence)")
     ax.set_ylabel("max context with passkey accuracy >= 0.8 (tokens)")
     return _finish(fig, ax, path, title or "state capacity")

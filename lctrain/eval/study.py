@@ -95,6 +95,8 @@ class StudyConfig:
     runs: list[StudyRun] = field(default_factory=list)
     out_dir: Optional[str] = None                    # default runs/studies/<name>
     threads: int = 0                                 # torch CPU threads for training and eval (0: default)
+    jobs: int = 1                                    # runs trained at once, each in its own process with
+                                                     # threads / jobs torch threads (many small models, few cores)
     length: Optional[LengthEvalConfig] = None
     passkey: Optional[PasskeyEvalConfig] = None
     seeds: list[int] = field(default_factory=list)   # train each run once per seed (default: the recipe's)
@@ -117,6 +119,7 @@ class StudyConfig:
         else:
             require(self.passkey is not None, "passkey", "a state_capacity study needs the passkey settings")
         require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        require(self.jobs >= 1, "jobs", f"must be >= 1, got {self.jobs}")
 
 
 @dataclass
@@ -175,17 +178,49 @@ def load_study(path: str, overrides: Optional[list[str]] = None) -> Study:
 
 # --- running ---------------------------------------------------------------------------------------
 
-def _train(study: Study, run: StudyRun, seed: Optional[int], run_dir: str, log) -> dict:
+def _train(study: Study, run: StudyRun, seed: Optional[int], run_dir: str, log, threads: int = 0) -> dict:
     from lctrain.train.trainer import train
     recipe = study.recipe(run, seed)
-    if study.config.threads and not recipe.train.num_threads:
-        recipe.train.num_threads = study.config.threads
+    threads = threads or study.config.threads
+    if threads and not recipe.train.num_threads:
+        recipe.train.num_threads = threads
     t0 = time.perf_counter()
     tag = run.name if seed is None else f"{run.name} seed {seed}"
     res = train(recipe, run_dir=run_dir, resume="auto", log=lambda m: log(f"[{tag}] {m}"))
     finite = lambda x: x if isinstance(x, (int, float)) and x == x and abs(x) != float("inf") else None
     return {"status": res["status"], "step": res["step"], "loss": finite(res.get("loss")),
             "val_loss": finite(res.get("val_loss")), "seconds": time.perf_counter() - t0}
+
+
+def _train_job(study: Study, run: StudyRun, seed: Optional[int], run_dir: str, threads: int) -> dict:
+    """One run's training in a worker process of `_train_parallel` (its log lines go to stdout)."""
+    return _train(study, run, seed, run_dir, lambda m: print(m, flush=True), threads)
+
+
+def _train_parallel(study: Study, out: str, log, done) -> dict:
+    """Train every (run, seed) of the study, `jobs` at a time, each in a spawned process with
+    max(1, threads / jobs) torch threads: on a few cores, small models train faster side by side than
+    one after another on all the cores (per-op overheads dominate). The data (tokenizer, token cache)
+    is prepared here first, once per distinct recipe, so the workers do not build it twice.
+    Returns {(run name, seed): the `_train` result}."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from lctrain.data.dataset import prepare_data
+    cfg = study.config
+    todo = [(run, seed, study.run_dir(out, run, seed)) for run in cfg.runs for seed in study.seeds()]
+    for run, seed, _ in todo:
+        prepare_data(study.recipe(run, seed), log=log)
+    threads = max(1, (cfg.threads or os.cpu_count() or 1) // cfg.jobs)
+    log(f"=== training {len(todo)} runs, {cfg.jobs} at a time ({threads} thread{'s' * (threads > 1)} each)")
+    results = {}
+    with cf.ProcessPoolExecutor(cfg.jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_job, study, run, seed, run_dir, threads): (run, seed) for run, seed, run_dir in todo}
+        for fut in cf.as_completed(futures):
+            run, seed = futures[fut]
+            results[(run.name, seed)] = fut.result()
+            done(f"train {run.name} {seed}")
+    return results
 
 
 def _final_metrics(run_dir: str) -> dict:
@@ -257,18 +292,21 @@ def run_study(study: Study, out_dir: Optional[str] = None, log: Callable[[str], 
             L = study.recipe(run).train.seq_len
             extra |= {L, min(cfg.length.warmup, max(1, L // 2))}
     results = []
+    trained_at_once = _train_parallel(study, out, log, done) if cfg.jobs > 1 else {}
     for run in cfg.runs:
         per_seed = []
         for seed in study.seeds():
             run_dir = study.run_dir(out, run, seed)
-            log(f"=== {run.name}{'' if seed is None else f' seed {seed}'}: training "
-                f"({' '.join(run.set) or 'base recipe'}) -> {run_dir}")
-            trained = _train(study, run, seed, run_dir, log)
+            trained = trained_at_once.get((run.name, seed))
+            if trained is None:
+                log(f"=== {run.name}{'' if seed is None else f' seed {seed}'}: training "
+                    f"({' '.join(run.set) or 'base recipe'}) -> {run_dir}")
+                trained = _train(study, run, seed, run_dir, log)
+                done(f"train {run.name} {seed}")
             if trained["status"] not in ("completed", "already_complete"):      # a rerun: finished runs train nothing
                 log(f"=== {run.name}: training {trained['status']} at step {trained['step']}; stopping the study "
                     "(run the same command to resume)")
                 return ""
-            done(f"train {run.name} {seed}")
             lm = load_run(run_dir)
             one = {"seed": seed, "run_dir": run_dir, "model": lm.describe(), "train": {**trained, **_final_metrics(run_dir)},
                    "length": {}, "length_files": {}}
