@@ -6,6 +6,7 @@ markdown report with plots, verdicts and confidence intervals (`lctrain eval stu
     base: ../mamba2-cpu.yaml      # the training recipe every run starts from (relative to this file)
     set: [train.steps=200]        # overrides for every run
     seeds: [0, 1]                 # train every run once per seed (CIs pool seeds x samples); default: recipe's
+    jobs: 2                       # train 2 runs at once, each in its own process (threads / jobs threads each)
     runs:                         # the variants: a name, their own overrides, optionally their probes and
       - {name: L64, set: [train.seq_len=64], reference: L1024}        # the twin the verdict compares with
       - {name: L1024, set: [train.seq_len=1024]}
