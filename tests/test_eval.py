@@ -212,6 +212,7 @@ def test_keyed_needles_one_per_n_tokens_and_the_question_names_one(tok):
             asked = p.text.rsplit("What is the pass key of ", 1)[1].split("?")[0]
             assert p.text.endswith(KEYED_QUESTION.format(name=asked))
             assert (asked, p.key) in [(n, k) for n, k, _, _ in needles]
+            assert p.others == [(n, k) for n, k, _, _ in needles if n != asked]       # the others, in prompt order
             assert tok.decode(p.ids[p.needle_start:p.needle_end]).strip() == KEYED_NEEDLE.format(name=asked, key=p.key)
             assert p.filler_end - p.filler_start == L - len(tok.encode(" " + KEYED_QUESTION.format(name=asked)))
     with pytest.raises(ValueError, match="more than the 64 names"):

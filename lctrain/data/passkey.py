@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 PREAMBLE = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -53,7 +53,7 @@ class PasskeyPrompt:
     needle_end: int           # one past its last token
     filler_start: int         # token index of the haystack's first token (after the preamble)
     filler_end: int           # one past the haystack's last token (the question follows)
-    others: list = None       # keyed mode: (name, key) of the other needles, in prompt order
+    others: list[tuple[str, str]] = field(default_factory=list)   # keyed: (name, key) of the other needles, in order
 
     @property
     def n_tokens(self) -> int:
@@ -361,7 +361,7 @@ def passkey_documents(recipe) -> Iterator[tuple[str, str]]:
         k = min(cfg.questions - 1, (n - lo) // extra) if extra else 0     # extra questions that fit
         p = builder.build(n - ans - k * extra, rng.random(), random_key(rng), rng)
         text = p.text + answer_text(p.key)
-        for name, key in rng.sample(p.others or [], min(k, len(p.others or []))):
+        for name, key in rng.sample(p.others, min(k, len(p.others))):
             text += " " + KEYED_QUESTION.format(name=name) + answer_text(key)
         yield f"passkey/{cfg.seed}/{i}", text
 
