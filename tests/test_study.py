@@ -220,3 +220,5 @@ def test_info_describes_a_study(name, capsys):
     from lctrain.eval.study import load_study
     for run in load_study(os.path.join(ROOT, "recipes", "studies", name)).config.runs:
         assert f"\n{run.name} " in out
+    if name == "state-capacity.yaml":
+        assert "2 runs trained at once" in out and "training documents ask up to 4 questions" in out

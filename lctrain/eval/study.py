@@ -855,7 +855,8 @@ def describe_study(path: str, overrides: Optional[list[str]] = None) -> str:
     if cfg.description:
         L.append("            " + " ".join(cfg.description.split()))
     seeds = study.seeds()
-    L.append(f"seeds       {', '.join('recipe' if s is None else str(s) for s in seeds)}")
+    L.append(f"seeds       {', '.join('recipe' if s is None else str(s) for s in seeds)}"
+             + (f"; {cfg.jobs} runs trained at once" if cfg.jobs > 1 else ""))
     L.append(f"{'run':<16}{'train len':>10}{'steps':>7}{'tokens':>12}{'state':>10}{'params':>11}  overrides")
     for run in cfg.runs:
         r = study.recipe(run)
@@ -883,7 +884,8 @@ def describe_study(path: str, overrides: Optional[list[str]] = None) -> str:
         every = pk.needle_every if pk.needle_every is not None else r0.data.passkey.needle_every
         L.append(f"passkey     lengths {pk.lengths} x depths {pk.depths} x {pk.samples} samples; haystack "
                  + ("windows of held-out text" if hay == "text" else "the repeated sentences")
-                 + (f"; one keyed needle per {every} tokens, the question names one" if every else ""))
+                 + (f"; one keyed needle per {every} tokens, the question names one" if every else "")
+                 + (f"; training documents ask up to {r0.data.passkey.questions} questions" if r0.data.passkey.questions > 1 else ""))
     if cfg.kind == "state_capacity":
         L.append(f"capacity    max recall length = longest context with passkey accuracy >= {cfg.capacity.accuracy}")
     L.append(f"run it      lctrain eval study {path}   (writes {cfg.out_dir or os.path.join('runs', 'studies', cfg.name)}/report.md)")
