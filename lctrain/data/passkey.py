@@ -229,8 +229,7 @@ class TokenPromptBuilder:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"passkey: depth must be in [0, 1], got {depth}")
         rng = rng or random.Random(0)
-        others: list[list[int]] = []
-        other_keys: list[tuple[str, str]] = []
+        others: list[tuple[str, str, list[int]]] = []      # (name, key, needle ids) of the other needles
         name = None
         if self.needle_every:
             count = max(1, n_tokens // self.needle_every)
@@ -239,24 +238,23 @@ class TokenPromptBuilder:
                                  f"needles, more than the {len(NAMES)} names")
             name, *rest = rng.sample(NAMES, count)
             for other in rest:
-                other_keys.append((other, random_key(rng)))
-                others.append(self._needle(other_keys[-1][1], other))
+                other_key = random_key(rng)
+                others.append((other, other_key, self._needle(other_key, other)))
         needle, question = self._needle(key, name), self._question(name)
         F = n_tokens - len(self._pre) - len(needle) - len(question)
         if F < 0:
             raise ValueError(f"passkey: length {n_tokens} is shorter than the prompt without filler "
                              f"({n_tokens - F} tokens: {'preamble, ' if self.preamble else ''}needle, question)")
-        while others and sum(map(len, others)) > F:      # short prompts hold fewer needles
+        while others and sum(len(o[2]) for o in others) > F:      # short prompts hold fewer needles
             others.pop()
-            other_keys.pop()
-        F -= sum(map(len, others))
+        F -= sum(len(o[2]) for o in others)
         if F > self.stream.size:
             raise ValueError(f"passkey: the haystack holds {self.stream.size} tokens, fewer than the {F} "
                              f"a {n_tokens}-token prompt needs")
         start = rng.randrange(self.stream.size - F + 1)
         window = self.stream[start:start + F].tolist()
         split = round(depth * F)
-        inserts = sorted([(split, 1, needle, None)] + [(rng.randint(0, F), 0, o, k) for o, k in zip(others, other_keys)],
+        inserts = sorted([(split, 1, needle, None)] + [(rng.randint(0, F), 0, ids, (o, k)) for o, k, ids in others],
                          key=lambda t: (t[0], t[1]))
         ids, pos, ns, placed = list(self._pre), 0, 0, []
         for at, asked, part, name_key in inserts:

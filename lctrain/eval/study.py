@@ -208,10 +208,16 @@ def _train_parallel(study: Study, out: str, log, done) -> dict:
     import multiprocessing as mp
 
     from lctrain.data.dataset import prepare_data
+    from lctrain.schema import to_dict
     cfg = study.config
     todo = [(run, seed, study.run_dir(out, run, seed)) for run in cfg.runs for seed in study.seeds()]
+    prepared = set()
     for run, seed, _ in todo:
-        prepare_data(study.recipe(run, seed), log=log)
+        recipe = study.recipe(run, seed)
+        data_key = json.dumps([to_dict(recipe.data), to_dict(recipe.tokenizer)], sort_keys=True)   # what the cache depends on
+        if data_key not in prepared:
+            prepared.add(data_key)
+            prepare_data(recipe, log=log)
     threads = max(1, (cfg.threads or os.cpu_count() or 1) // cfg.jobs)
     log(f"=== training {len(todo)} runs, {cfg.jobs} at a time ({threads} thread{'s' * (threads > 1)} each)")
     results = {}
